@@ -1,0 +1,110 @@
+"""Loss-spike guard, usable by every training loop (SFT, RM, PPO).
+
+PaLM's recipe, automated: on a spike (loss far above its running median, a non-finite loss or
+gradient norm, or PPO's KL / policy ratio beyond bounds) restore the last good snapshot, skip the
+next batches (the data around a spike is often the cause), log the event, continue; give up after
+`max_events`. Snapshots are in-memory copies on CPU, taken every `snapshot_every` good steps.
+
+Loop contract:
+    if guard.should_skip(): continue                       # per batch, after a rollback
+    ...backward, clip...
+    if not guard.check(step, loss=..., grad_norm=...):     # before optimizer.step()
+        optimizer.zero_grad(); continue
+    optimizer.step(); ...; guard.after_step(step)
+"""
+from __future__ import annotations
+
+import copy
+import math
+from collections import deque
+from statistics import median
+
+from stages.common import StageError
+from stages.config import GuardConfig
+
+
+def _cpu_copy(state):
+    import torch
+
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: _cpu_copy(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_cpu_copy(v) for v in state)
+    return copy.deepcopy(state)
+
+
+def spike_reason(cfg: GuardConfig, history: list[float], loss: float, grad_norm: float | None = None,
+                 kl: float | None = None, ratio: float | None = None) -> str | None:
+    """Why this step is a spike, or None. Pure: the decision rule, testable on its own."""
+    if not math.isfinite(loss):
+        return f"non-finite loss ({loss})"
+    if grad_norm is not None and not math.isfinite(grad_norm):
+        return f"non-finite grad norm ({grad_norm})"
+    if kl is not None and (not math.isfinite(kl) or kl > cfg.max_kl):
+        return f"KL {kl:.3g} beyond bound {cfg.max_kl}"
+    if ratio is not None and (not math.isfinite(ratio) or ratio > cfg.max_ratio):
+        return f"policy ratio {ratio:.3g} beyond bound {cfg.max_ratio}"
+    if len(history) >= cfg.min_history:
+        med = median(history)
+        # Losses can be negative or near zero (PPO); judge the excess over the median against its scale.
+        scale = max(abs(med), 1e-3)
+        if loss - med > (cfg.spike_factor - 1) * scale:
+            return f"loss {loss:.4g} > {cfg.spike_factor}x running median {med:.4g}"
+    return None
+
+
+class SpikeGuard:
+    def __init__(self, cfg: GuardConfig, objects: dict, logger=None, manifest_events: list | None = None):
+        """objects: name -> anything with state_dict()/load_state_dict() (model, optimizer, scheduler)."""
+        self.cfg = cfg
+        self.objects = {k: v for k, v in objects.items() if v is not None}
+        self.logger = logger
+        self.history: deque[float] = deque(maxlen=cfg.window)
+        self.events: list[dict] = [] if manifest_events is None else manifest_events
+        self._skip_left = 0
+        self._snapshot = None
+        self._snapshot_step = None
+        if cfg.enabled:
+            self._take_snapshot(0)
+
+    def _take_snapshot(self, step: int) -> None:
+        self._snapshot = {k: _cpu_copy(o.state_dict()) for k, o in self.objects.items()}
+        self._snapshot_step = step
+
+    def should_skip(self) -> bool:
+        if self._skip_left > 0:
+            self._skip_left -= 1
+            return True
+        return False
+
+    def check(self, step: int, loss: float, grad_norm: float | None = None,
+              kl: float | None = None, ratio: float | None = None) -> bool:
+        if not self.cfg.enabled:
+            return True
+        reason = spike_reason(self.cfg, list(self.history), float(loss),
+                              None if grad_norm is None else float(grad_norm),
+                              None if kl is None else float(kl), None if ratio is None else float(ratio))
+        if reason is None:
+            self.history.append(float(loss))
+            return True
+        self._rollback(step, reason)
+        return False
+
+    def _rollback(self, step: int, reason: str) -> None:
+        event = {"event": "spike", "step": step, "reason": reason, "restored_step": self._snapshot_step,
+                 "skip_batches": self.cfg.skip_batches}
+        self.events.append(event)
+        if self.logger is not None:
+            self.logger.log(step, **event)
+        if len(self.events) > self.cfg.max_events:
+            raise StageError(f"spike guard gave up after {len(self.events)} spikes (last at step {step}: {reason}); "
+                             "lower the learning rate or raise guard.max_events")
+        for name, obj in self.objects.items():
+            obj.load_state_dict(self._snapshot[name])
+        self._skip_left = self.cfg.skip_batches
+
+    def after_step(self, step: int) -> None:
+        if self.cfg.enabled and step % self.cfg.snapshot_every == 0:
+            self._take_snapshot(step)
