@@ -1,0 +1,54 @@
+"""Builds the `accelerate launch` command for one stage from the config's `launch:` section."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+STAGE_MODULES = {
+    "sft": "stages.sft",
+    "reward": "stages.reward",
+    "ppo": "stages.ppo",
+    "baseline": "stages.baseline",
+    "compare": "stages.evaluate",
+}
+
+
+def accelerate_args(launch, stage: str | None = None) -> list[str]:
+    args: list[str] = []
+    if launch.accelerate_config:
+        args += ["--config_file", launch.accelerate_config]
+    if launch.cpu_ddp:
+        # `--cpu --num_processes 2` silently runs ONE process; --multi_gpu on a CPU machine gives gloo DDP.
+        args += ["--multi_gpu"]
+    args += ["--num_processes", str(launch.num_processes), "--num_machines", str(launch.num_machines)]
+    if launch.num_machines > 1:
+        args += ["--machine_rank", str(launch.machine_rank), "--main_process_ip", str(launch.main_process_ip),
+                 "--main_process_port", str(launch.main_process_port)]
+    elif launch.num_processes > 1:
+        args += ["--main_process_port", str(launch.main_process_port)]
+    if launch.mixed_precision:
+        args += ["--mixed_precision", launch.mixed_precision]
+    elif not launch.accelerate_config:
+        args += ["--mixed_precision", "no"]
+    if not launch.accelerate_config:
+        args += ["--dynamo_backend", "no"]
+    return args
+
+
+def stage_command(launch, stage: str, run_dir: Path) -> list[str]:
+    if stage in ("baseline", "compare") and launch.num_processes > 1 and not launch.accelerate_config:
+        # Generation-only stages gain nothing from several CPU processes; keep them on one.
+        from copy import copy
+
+        launch = copy(launch)
+        launch.num_processes, launch.cpu_ddp = 1, False
+    return [sys.executable, "-m", "accelerate.commands.launch", *accelerate_args(launch, stage),
+            "-m", STAGE_MODULES[stage], "--run-dir", str(run_dir)]
+
+
+def stage_env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env

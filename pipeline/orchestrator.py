@@ -1,0 +1,170 @@
+"""Chains the stages, each in its own `accelerate launch` process, skipping what is done and unchanged.
+
+A stage's identity is a hash of the settings it reads plus its upstream stages' hashes, so a change
+to `ppo.*` re-runs ppo and what depends on it (compare), and nothing before it.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from data_schemas.files import atomic_write_json, atomic_write_text
+from pipeline.config import config_hash
+from pipeline.launcher import stage_command, stage_env
+from pipeline.rundir import Manifest, clear_done, read_done, run_dir_for, write_done
+from stages.common import STAGES, StageError, stage_dir
+
+RUN_LEVEL_KEYS = ("model", "seed", "precision", "trust_remote_code")
+ATTEMPT = ".attempt.json"
+
+
+def upstream(cfg, stage: str) -> list[str]:
+    """Stages whose outputs `stage` reads, from the config's references."""
+    refs = {
+        "sft": [],
+        "reward": [cfg.reward.init_from],
+        "ppo": [cfg.ppo.policy, cfg.ppo.reward_model, cfg.ppo.value_init],
+        "baseline": [],
+        "compare": [*cfg.compare.models, cfg.compare.reward_model, cfg.compare.reference],
+    }[stage]
+    return [s for s in STAGES if s in refs and s != stage]
+
+
+def stage_hashes(cfg) -> dict[str, str]:
+    dumped = cfg.model_dump(mode="json")
+    run_level = {k: dumped[k] for k in RUN_LEVEL_KEYS}
+    hashes: dict[str, str] = {}
+    for stage in STAGES:  # STAGES is in dependency order
+        own = {"run": run_level, "guard": dumped["guard"], stage: dumped[stage]}
+        if stage == "baseline":
+            own["prompts"] = dumped["compare"]["prompts"]  # the baseline generates for the eval prompts
+        if stage == "ppo" and cfg.ppo.ptx_coef > 0:
+            own["ptx_data"] = dumped["sft"]["data"]
+        if stage == "baseline":
+            prompt = Path(cfg.baseline.prompt_file)
+            own["prompt_text"] = prompt.read_text(encoding="utf-8") if prompt.is_file() else cfg.baseline.prompt_file
+        own["upstream"] = {u: hashes[u] for u in upstream(cfg, stage)}
+        hashes[stage] = config_hash(own)
+    return hashes
+
+
+def select_stages(stages: list[str] | None, from_stage: str | None) -> list[str]:
+    chosen = list(STAGES) if not stages else stages
+    for s in [*chosen, *([from_stage] if from_stage else [])]:
+        if s not in STAGES:
+            raise StageError(f"unknown stage {s!r}; stages are {', '.join(STAGES)}")
+    if from_stage:
+        chosen = [s for s in chosen if STAGES.index(s) >= STAGES.index(from_stage)]
+    return [s for s in STAGES if s in chosen]
+
+
+def _print_table(rows: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for i, r in enumerate(rows):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def _key_metrics(summary: dict) -> str:
+    items = [(k, v) for k, v in summary.items() if isinstance(v, (int, float)) and k not in ("wall_s",)]
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in items[:5])
+
+
+def preflight(cfg, selected: list[str], launch) -> None:
+    from pipeline.preflight import available_bytes, check_models, estimate_memory, validate_data
+
+    print("preflight:")
+    for line in validate_data(cfg, selected):
+        print(f"  data  {line}")
+    print(f"  model {check_models(cfg)}")
+    try:
+        avail, kind = available_bytes()
+        for est in estimate_memory(cfg, launch):
+            if est.stage not in selected:
+                continue
+            gib = est.bytes_per_device / 1024**3
+            print(f"  mem   {est.stage:<6} ~{gib:.1f} GiB per device ({est.trainable / 1e6:.1f}M trainable; {est.detail})")
+            if est.bytes_per_device > avail:
+                print(f"  WARNING: {est.stage} needs ~{gib:.1f} GiB per device but only {avail / 1024**3:.1f} GiB "
+                      f"{kind} is free: enable LoRA, lower batch sizes, or shard with FSDP / ZeRO-3", file=sys.stderr)
+    except (OSError, ValueError) as e:  # an estimate must never block a run
+        print(f"  mem   (no estimate: {str(e).splitlines()[0]})")
+
+
+def run_pipeline(cfg, stages=None, from_stage=None, force=False, dry_run=False, config_path=None) -> int:
+    selected = select_stages(stages, from_stage)
+    run_dir = run_dir_for(cfg)
+    hashes = stage_hashes(cfg)
+    for s in selected:
+        for u in upstream(cfg, s):
+            if u not in selected and (read_done(run_dir, u) or {}).get("config_hash") != hashes[u]:
+                raise StageError(f"{s} reads the {u} stage's output, which is missing or was made with another "
+                                 f"config: run `rlhf {u} CONFIG` first, or include {u} in --stages/--from")
+    preflight(cfg, selected, cfg.launch)
+    plan = []
+    for s in selected:
+        done = read_done(run_dir, s)
+        fresh = done is not None and done.get("config_hash") == hashes[s] and not force
+        plan.append((s, "skip (done, unchanged)" if fresh else "run"))
+    print(f"run folder: {run_dir}")
+    for s, what in plan:
+        print(f"  {s:<9} {what}")
+    if dry_run:
+        return 0
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    manifest = Manifest(run_dir)
+    manifest.data.update(name=cfg.name, config_path=str(config_path) if config_path else None)
+    rows = [["stage", "status", "wall", "key metrics"]]
+    code = 0
+    for s, what in plan:
+        sdir = stage_dir(run_dir, s)
+        if what.startswith("skip"):
+            done = read_done(run_dir, s)
+            rows.append([s, "skipped", f"{done.get('wall_s', 0):.0f}s", _key_metrics(done.get("metrics", {}))])
+            manifest.update(s, status="done", skipped_last_run=True)
+            continue
+        clear_done(run_dir, s)
+        attempt = sdir / ATTEMPT
+        prev = json.loads(attempt.read_text()).get("config_hash") if attempt.exists() else None
+        if force or (prev is not None and prev != hashes[s]):
+            # Checkpoints of another config must not be resumed: start this stage clean.
+            shutil.rmtree(sdir, ignore_errors=True)
+        sdir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(attempt, {"config_hash": hashes[s], "started": time.time()})
+        # Downstream outputs are stale once this stage re-runs.
+        for later in STAGES[STAGES.index(s) + 1:]:
+            if s in upstream(cfg, later):
+                clear_done(run_dir, later)
+        manifest.update(s, status="running", config_hash=hashes[s])
+        print(f"\n==== {s} ====", flush=True)
+        t0 = time.time()
+        proc = subprocess.run(stage_command(cfg.launch, s, run_dir), env=stage_env())
+        wall = time.time() - t0
+        if proc.returncode != 0:
+            manifest.update(s, status="failed", exit_code=proc.returncode, wall_s=round(wall, 1))
+            rows.append([s, f"FAILED ({proc.returncode})", f"{wall:.0f}s", ""])
+            print(f"error: stage {s} failed with exit code {proc.returncode}; completed stages are kept, "
+                  f"re-run the same command to resume", file=sys.stderr)
+            code = proc.returncode if proc.returncode > 0 else 1
+            break
+        summary_path = sdir / "summary.json"
+        metrics = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+        artifacts = sorted(p.name for p in sdir.iterdir() if not p.name.startswith("."))
+        record = {"config_hash": hashes[s], "wall_s": round(wall, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                  "metrics": metrics}
+        write_done(run_dir, s, record)
+        manifest.update(s, status="done", wall_s=round(wall, 1), metrics=metrics, artifacts=artifacts,
+                        skipped_last_run=False)
+        rows.append([s, "done", f"{wall:.0f}s", _key_metrics(metrics)])
+    print()
+    _print_table(rows)
+    return code

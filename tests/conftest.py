@@ -1,0 +1,26 @@
+import os
+from pathlib import Path
+
+import pytest
+
+# Nothing is ever fetched from a model hub in tests.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    from stages.models import prepare_tiny_model
+
+    return prepare_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is absent (it is only beside the repo in CI and dev checkouts)")
+    return SHARED_DATA
