@@ -1,0 +1,87 @@
+"""Spike guard: the decision rule, and rollback + skip on a real (small) training loop."""
+import math
+
+import pytest
+import torch
+
+from stages.common import StageError
+from stages.config import GuardConfig
+from stages.guard import SpikeGuard, spike_reason
+
+CFG = GuardConfig(spike_factor=4.0, min_history=3, window=10, snapshot_every=5, skip_batches=3, max_events=3)
+
+
+def test_spike_rule():
+    hist = [1.0, 1.1, 0.9, 1.0]
+    assert spike_reason(CFG, hist, 1.2) is None
+    assert spike_reason(CFG, hist, 3.9) is None          # excess 2.9 < (4-1) x median 1.0
+    assert "running median" in spike_reason(CFG, hist, 4.1)
+    assert spike_reason(CFG, hist[:2], 100.0) is None     # too little history to judge
+    assert "non-finite loss" in spike_reason(CFG, hist, float("nan"))
+    assert "non-finite grad norm" in spike_reason(CFG, hist, 1.0, grad_norm=float("inf"))
+    assert "KL" in spike_reason(CFG, hist, 1.0, kl=CFG.max_kl + 1)
+    assert "ratio" in spike_reason(CFG, hist, 1.0, ratio=CFG.max_ratio + 0.5)
+    assert spike_reason(CFG, hist, 1.0, kl=1.0, ratio=1.5) is None
+    # near-zero / negative medians (PPO losses) are judged on an absolute floor, not a sign flip
+    assert spike_reason(CFG, [-0.01, 0.0, 0.01], 0.001) is None
+
+
+def _train(steps=60, inject=None, guard_cfg=CFG, seed=0):
+    """Linear regression with SGD; `inject(step, loss, model)` may corrupt a step."""
+    torch.manual_seed(seed)
+    x = torch.randn(steps * 8, 4)
+    y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0]) + 0.01 * torch.randn(steps * 8)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = SpikeGuard(guard_cfg, {"model": model, "optimizer": opt})
+    losses, applied = [], 0
+    for step in range(1, steps + 1):
+        if guard.should_skip():
+            continue
+        xb, yb = x[(step - 1) * 8: step * 8], y[(step - 1) * 8: step * 8]
+        loss = torch.nn.functional.mse_loss(model(xb).squeeze(-1), yb)
+        if inject:
+            loss = inject(step, loss, model)
+        opt.zero_grad()
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)
+        if not guard.check(step, loss=loss.item(), grad_norm=gn.item()):
+            opt.zero_grad()
+            continue
+        opt.step()
+        applied += 1
+        guard.after_step(step)
+        losses.append(loss.item())
+    with torch.no_grad():
+        final = torch.nn.functional.mse_loss(model(x).squeeze(-1), y).item()
+    return final, guard, losses
+
+
+def test_injected_loss_spike_rolls_back_and_skips():
+    clean, _, _ = _train()
+    # At step 30 the loss is scaled by 1e4: without the guard, SGD would be thrown far off.
+    spiky, guard, _ = _train(inject=lambda s, loss, m: loss * 1e4 if s == 30 else loss)
+    assert len(guard.events) == 1
+    ev = guard.events[0]
+    assert ev["step"] == 30 and ev["restored_step"] == 25 and ev["skip_batches"] == 3
+    assert spiky == pytest.approx(clean, rel=0.10) or abs(spiky - clean) < 1e-3
+    unguarded, _, _ = _train(inject=lambda s, loss, m: loss * 1e4 if s == 30 else loss,
+                             guard_cfg=GuardConfig(enabled=False))
+    assert not math.isfinite(unguarded) or unguarded > 10 * clean  # the spike does real damage unguarded
+
+
+def test_nan_gradients_roll_back():
+    clean, _, _ = _train()
+
+    def nan_grads(step, loss, model):
+        return loss * float("nan") if step == 41 else loss
+
+    final, guard, _ = _train(inject=nan_grads)
+    assert [e["step"] for e in guard.events] == [41]
+    assert "non-finite" in guard.events[0]["reason"]
+    assert math.isfinite(final) and (final == pytest.approx(clean, rel=0.10) or abs(final - clean) < 1e-3)
+
+
+def test_gives_up_after_max_events():
+    with pytest.raises(StageError, match="spike guard gave up after 4 spikes"):
+        _train(inject=lambda s, loss, m: loss * float("nan") if s > 20 else loss)
