@@ -98,6 +98,22 @@ def preflight(cfg, selected: list[str], launch) -> None:
         print(f"  mem   (no estimate: {str(e).splitlines()[0]})")
 
 
+def _prepare_stage_dir(cfg, run_dir: Path, stage: str, stage_hash: str, force: bool) -> None:
+    sdir = stage_dir(run_dir, stage)
+    clear_done(run_dir, stage)
+    attempt = sdir / ATTEMPT
+    prev = json.loads(attempt.read_text()).get("config_hash") if attempt.exists() else None
+    if force or (prev is not None and prev != stage_hash):
+        # Checkpoints made under another config must not be resumed: start this stage clean.
+        shutil.rmtree(sdir, ignore_errors=True)
+    sdir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(attempt, {"config_hash": stage_hash, "started": time.time()})
+    # Downstream outputs are stale once this stage re-runs.
+    for later in STAGES[STAGES.index(stage) + 1:]:
+        if stage in upstream(cfg, later):
+            clear_done(run_dir, later)
+
+
 def run_pipeline(cfg, stages=None, from_stage=None, force=False, dry_run=False, config_path=None) -> int:
     selected = select_stages(stages, from_stage)
     run_dir = run_dir_for(cfg)
@@ -119,9 +135,12 @@ def run_pipeline(cfg, stages=None, from_stage=None, force=False, dry_run=False, 
     if dry_run:
         return 0
 
+    # On multi-node runs every node runs this orchestrator; node 0 alone writes the shared bookkeeping.
+    primary = cfg.launch.machine_rank == 0
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    manifest = Manifest(run_dir)
+    if primary:
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    manifest = Manifest(run_dir, read_only=not primary)
     manifest.data.update(name=cfg.name, config_path=str(config_path) if config_path else None)
     rows = [["stage", "status", "wall", "key metrics"]]
     code = 0
@@ -132,18 +151,8 @@ def run_pipeline(cfg, stages=None, from_stage=None, force=False, dry_run=False, 
             rows.append([s, "skipped", f"{done.get('wall_s', 0):.0f}s", _key_metrics(done.get("metrics", {}))])
             manifest.update(s, status="done", skipped_last_run=True)
             continue
-        clear_done(run_dir, s)
-        attempt = sdir / ATTEMPT
-        prev = json.loads(attempt.read_text()).get("config_hash") if attempt.exists() else None
-        if force or (prev is not None and prev != hashes[s]):
-            # Checkpoints of another config must not be resumed: start this stage clean.
-            shutil.rmtree(sdir, ignore_errors=True)
-        sdir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(attempt, {"config_hash": hashes[s], "started": time.time()})
-        # Downstream outputs are stale once this stage re-runs.
-        for later in STAGES[STAGES.index(s) + 1:]:
-            if s in upstream(cfg, later):
-                clear_done(run_dir, later)
+        if primary:
+            _prepare_stage_dir(cfg, run_dir, s, hashes[s], force)
         manifest.update(s, status="running", config_hash=hashes[s])
         print(f"\n==== {s} ====", flush=True)
         t0 = time.time()
@@ -161,7 +170,8 @@ def run_pipeline(cfg, stages=None, from_stage=None, force=False, dry_run=False, 
         artifacts = sorted(p.name for p in sdir.iterdir() if not p.name.startswith("."))
         record = {"config_hash": hashes[s], "wall_s": round(wall, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
                   "metrics": metrics}
-        write_done(run_dir, s, record)
+        if primary:
+            write_done(run_dir, s, record)
         manifest.update(s, status="done", wall_s=round(wall, 1), metrics=metrics, artifacts=artifacts,
                         skipped_last_run=False)
         rows.append([s, "done", f"{wall:.0f}s", _key_metrics(metrics)])

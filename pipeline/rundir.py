@@ -45,7 +45,8 @@ def clear_done(run_dir: Path, stage: str) -> None:
 
 
 class Manifest:
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, read_only: bool = False):
+        self.read_only = read_only
         self.path = Path(run_dir) / "manifest.json"
         self.data = {"stages": {}}
         if self.path.exists():
@@ -63,6 +64,8 @@ class Manifest:
         self.save()
 
     def save(self) -> None:
+        if self.read_only:
+            return
         ordered = {s: self.data["stages"][s] for s in STAGES if s in self.data["stages"]}
         self.data["stages"] = ordered
         atomic_write_json(self.path, self.data)
