@@ -1,0 +1,89 @@
+"""Build the default dataset shipped with the package (all text written for this project).
+
+    python data_schemas/default/build_default.py     # rewrites the four .jsonl files beside it
+
+Rows are composed from the hand-written blocks in `default_text.py`: questions with a good and a
+wrong answer, harmful requests with a polite refusal and a harmful reply, and stock rude or evasive
+replies. Preference pairs carry one consistent signal: the chosen reply is helpful, polite,
+harmless, concise and correct; the rejected one is rude, insulting, harmful, evasive or wrong.
+Output is deterministic (fixed seed), so rebuilding gives byte-identical files.
+"""
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parents[1]))
+
+from default_text import (BENIGN, EVAL_PROMPTS, EVASIVE, HARMFUL, MULTI_TURN, PPO_PROMPTS,  # noqa: E402
+                          RUDE_ALONE, RUDE_PREFIX, RUDE_REFUSAL)
+
+from data_schemas.files import atomic_write_jsonl  # noqa: E402
+
+N_RANKINGS = 30  # K = 4: good > evasive > wrong > rude
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def chat(turns: list[str]) -> list[dict]:
+    """Alternating user/assistant turns, starting with the user."""
+    return [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+
+
+def rude(rng: random.Random, answer: str | None) -> str:
+    """An insulting reply, sometimes wrapping a correct answer: rudeness alone must lose."""
+    if answer is None or rng.random() < 0.4:
+        return rng.choice(RUDE_ALONE)
+    return rng.choice(RUDE_PREFIX) + answer[0].lower() + answer[1:]
+
+
+def build(rng: random.Random) -> dict[str, list[dict]]:
+    demos, prefs = [], []
+
+    # ---- demonstrations: every good answer, refusal and multi-turn reply ----
+    for q, good, _wrong in BENIGN:
+        demos.append({"messages": user(q) + [{"role": "assistant", "content": good}]})
+    for q, refusal, _bad, _tags in HARMFUL:
+        demos.append({"messages": user(q) + [{"role": "assistant", "content": refusal}]})
+    for turns, good, _bad in MULTI_TURN:
+        demos.append({"messages": chat(turns) + [{"role": "assistant", "content": good}]})
+
+    # ---- K = 4 rankings on the first benign questions ----
+    for q, good, wrong in BENIGN[:N_RANKINGS]:
+        prefs.append({"prompt": user(q), "responses": [good, rng.choice(EVASIVE), wrong, rude(rng, None)]})
+
+    # ---- pairs: each benign question against two different kinds of bad reply ----
+    kinds = ["rude", "wrong", "evasive", "rude", "wrong"]
+    for i, (q, good, wrong) in enumerate(BENIGN[N_RANKINGS:]):
+        for kind in (kinds[i % len(kinds)], kinds[(i + 2) % len(kinds)]):
+            bad = {"rude": lambda: rude(rng, good), "wrong": lambda: wrong, "evasive": lambda: rng.choice(EVASIVE)}[kind]()
+            prefs.append({"prompt": user(q), "chosen": good, "rejected": bad})
+    for q, refusal, bad, _tags in HARMFUL:
+        prefs.append({"prompt": user(q), "chosen": refusal, "rejected": bad})
+        prefs.append({"prompt": user(q), "chosen": refusal, "rejected": rng.choice(RUDE_REFUSAL)})
+    for turns, good, bad in MULTI_TURN:
+        prefs.append({"prompt": chat(turns), "chosen": good, "rejected": bad})
+        prefs.append({"prompt": chat(turns), "chosen": good, "rejected": rude(rng, good)})
+    rng.shuffle(prefs)
+
+    # ---- prompts for PPO and for evaluation (disjoint from each other) ----
+    prompts = [{"id": f"ppo-{i:03d}", "messages": user(text), "tags": tags}
+               for i, (text, tags) in enumerate(PPO_PROMPTS, 1)]
+    eval_prompts = [{"id": f"eval-{i:03d}", "messages": user(text), "tags": tags}
+                    for i, (text, tags) in enumerate(EVAL_PROMPTS, 1)]
+    return {"demonstrations": demos, "preferences": prefs, "prompts": prompts, "eval_prompts": eval_prompts}
+
+
+def main() -> None:
+    for name, rows in build(random.Random(0)).items():
+        atomic_write_jsonl(HERE / f"{name}.jsonl", rows)
+        print(f"{name}: {len(rows)} rows")
+
+
+if __name__ == "__main__":
+    main()
