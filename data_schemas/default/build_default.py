@@ -2,7 +2,7 @@
 
     python data_schemas/default/build_default.py     # rewrites the four .jsonl files beside it
 
-Rows are composed from the hand-written blocks in `default_text.py`: questions with a good and a
+Rows are composed from the hand-written blocks in `text_*.py` beside this script: questions with a good and a
 wrong answer, harmful requests with a polite refusal and a harmful reply, and stock rude or evasive
 replies. Preference pairs carry one consistent signal: the chosen reply is helpful, polite,
 harmless, concise and correct; the rejected one is rude, insulting, harmful, evasive or wrong.
@@ -18,8 +18,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parents[1]))
 
-from default_text import (BENIGN, EVAL_PROMPTS, EVASIVE, HARMFUL, MULTI_TURN, PPO_PROMPTS,  # noqa: E402
-                          RUDE_ALONE, RUDE_PREFIX, RUDE_REFUSAL)
+from text_benign import BENIGN  # noqa: E402
+from text_harmful import EVASIVE, HARMFUL, MULTI_TURN, RUDE_ALONE, RUDE_PREFIX, RUDE_REFUSAL  # noqa: E402
+from text_prompts import EVAL_PROMPTS, PPO_PROMPTS  # noqa: E402
 
 from data_schemas.files import atomic_write_jsonl  # noqa: E402
 
@@ -39,7 +40,7 @@ def rude(rng: random.Random, answer: str | None) -> str:
     """An insulting reply, sometimes wrapping a correct answer: rudeness alone must lose."""
     if answer is None or rng.random() < 0.4:
         return rng.choice(RUDE_ALONE)
-    return rng.choice(RUDE_PREFIX) + answer[0].lower() + answer[1:]
+    return rng.choice(RUDE_PREFIX) + answer
 
 
 def build(rng: random.Random) -> dict[str, list[dict]]:
@@ -58,9 +59,9 @@ def build(rng: random.Random) -> dict[str, list[dict]]:
         prefs.append({"prompt": user(q), "responses": [good, rng.choice(EVASIVE), wrong, rude(rng, None)]})
 
     # ---- pairs: each benign question against two different kinds of bad reply ----
-    kinds = ["rude", "wrong", "evasive", "rude", "wrong"]
+    kind_pairs = [("rude", "wrong"), ("wrong", "evasive"), ("rude", "evasive"), ("wrong", "rude"), ("evasive", "rude")]
     for i, (q, good, wrong) in enumerate(BENIGN[N_RANKINGS:]):
-        for kind in (kinds[i % len(kinds)], kinds[(i + 2) % len(kinds)]):
+        for kind in kind_pairs[i % len(kind_pairs)]:
             bad = {"rude": lambda: rude(rng, good), "wrong": lambda: wrong, "evasive": lambda: rng.choice(EVASIVE)}[kind]()
             prefs.append({"prompt": user(q), "chosen": good, "rejected": bad})
     for q, refusal, bad, _tags in HARMFUL:
