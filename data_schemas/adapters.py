@@ -131,10 +131,10 @@ def parse_transcript(text: str, col: str) -> list[tuple[str, str]]:
     if text.startswith(("Human:", "Assistant:")):
         text = "\n\n" + text
     parts = _TURN.split(text)
-    if parts[0].strip():
-        raise RowError(col, "malformed transcript: text before the first '\\n\\nHuman:' turn")
     if len(parts) == 1:
         raise RowError(col, "malformed transcript: no '\\n\\nHuman:' / '\\n\\nAssistant:' turns")
+    if parts[0].strip():
+        raise RowError(col, "malformed transcript: text before the first '\\n\\nHuman:' turn")
     turns: list[tuple[str, str]] = []
     for speaker, content in zip(parts[1::2], parts[2::2]):
         role = "user" if speaker == "Human" else "assistant"

@@ -45,6 +45,9 @@ class Message(BaseModel):
     def keys(self):
         return ("role", "content")
 
+    def items(self):
+        return (("role", self.role), ("content", self.content))
+
 
 def as_chat(messages: list[Message]) -> list[dict[str, str]]:
     """Plain dicts, for tokenizers and JSON."""

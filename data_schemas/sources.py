@@ -94,7 +94,7 @@ def _jsonl_rows(path: Path, name: str) -> Iterator[Row]:
             continue
         if bad is None:
             try:
-                row = json.loads(line)
+                row = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
                 bad = BadRow(f"invalid JSON: {e.msg} (column {e.colno})")
             else:

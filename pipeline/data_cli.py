@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 from typing import get_args
 
-from data_schemas.adapters import ADAPTERS, KINDS
+from data_schemas.adapters import KINDS
 from data_schemas.errors import DataError
 from data_schemas.files import atomic_write_jsonl
 from data_schemas.loaders import LoadResult, load_records
@@ -63,24 +63,26 @@ def _spec(args) -> DatasetSpec:
                        skip_invalid=args.skip_invalid, limit=args.limit)
 
 
+FORMAT_KIND = {"hh": "preferences", "trl": "preferences", "ab_label": "preferences", "ranked": "preferences",
+               "alpaca": "demonstrations", "dolly": "demonstrations"}
+
+
 def guess_kind(spec: DatasetSpec) -> str:
-    """default:<name> and single-purpose formats say it; canonical rows are recognised by their keys."""
+    """default:<name> and the format say it; canonical rows are recognised by their first row's keys."""
     if spec.source.startswith("default:"):
         return DEFAULT_KIND.get(spec.source.split(":", 1)[1], "prompts")
-    kinds = [k for k in KINDS if k in ADAPTERS[spec.format]]
-    non_prompt = [k for k in kinds if k != "prompts"]
-    if len(non_prompt) == 1 and spec.format != "canonical":
-        return non_prompt[0]
+    if spec.format in FORMAT_KIND:
+        return FORMAT_KIND[spec.format]
     for _, row in read_rows(spec.source, spec.split):
         if isinstance(row, BadRow):
-            break
+            return "preferences"  # the load that follows reports the bad row
         if spec.fields.get("responses", "responses") in row or spec.fields.get("chosen", "chosen") in row:
             return "preferences"
         msgs = row.get(spec.fields.get("messages", "messages"))
         if isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant":
             return "demonstrations"
         return "prompts"
-    raise DataError(f"{spec.source}: cannot guess what the rows are; pass --kind {'|'.join(KINDS)}")
+    return "preferences"  # no rows: the load that follows reports the empty file
 
 
 def _load(args) -> tuple[DatasetSpec, str, LoadResult]:
