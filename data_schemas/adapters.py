@@ -98,9 +98,9 @@ class RowView:
         return self.text(ours)
 
     def margin(self) -> float | None:
-        if not self.has("margin") or (isinstance(self.raw[self.col("margin")], str) and not self.raw[self.col("margin")].strip()):
+        value = self.raw.get(self.col("margin"))
+        if value is None or (isinstance(value, str) and not value.strip()):  # absent, null or an empty CSV cell
             return None
-        value = self.raw[self.col("margin")]
         try:
             if isinstance(value, bool):
                 raise ValueError
@@ -202,7 +202,8 @@ def trl_preferences(view: RowView) -> list:
             if full[-1].role != "assistant" or len(full) < 2:
                 raise RowError(view.col(ours), "implicit-prompt conversation must end with an assistant reply")
         if full_c[:-1] != full_r[:-1]:
-            raise RowError(view.col("rejected"), f"the conversation before the final reply differs from {view.col('chosen')!r}")
+            raise RowError(view.col("rejected"),
+                           f"the conversation before the final reply differs from {view.col('chosen')!r}")
         prompt, chosen, rejected = full_c[:-1], full_c[-1].content, full_r[-1].content
     else:
         raise RowError(view.col("prompt"), "missing")
@@ -213,7 +214,8 @@ def trl_preferences(view: RowView) -> list:
 def trl_demonstrations(view: RowView) -> list:
     if view.has("messages") or not view.has("prompt"):
         return [Demonstration(messages=view.messages("messages"))]
-    return [Demonstration(messages=view.messages("prompt") + [Message(role="assistant", content=view.reply("completion"))])]
+    reply = Message(role="assistant", content=view.reply("completion"))
+    return [Demonstration(messages=view.messages("prompt") + [reply])]
 
 
 def prompt_column(view: RowView) -> list:

@@ -171,7 +171,8 @@ def _csv_rows(path: Path, name: str) -> Iterator[Row]:
                 yield f"{name}:{start}", bad
             elif cells and any(c.strip() for c in cells):
                 if len(cells) != len(header):
-                    yield f"{name}:{start}", BadRow(f"expected {len(header)} columns as in the header, got {len(cells)}")
+                    reason = f"expected {len(header)} columns as in the header, got {len(cells)}"
+                    yield f"{name}:{start}", BadRow(reason)
                 else:
                     yield f"{name}:{start}", dict(zip(header, cells))
             start = reader.line_num + 1

@@ -6,7 +6,6 @@ Errors are DataError lines (exit code 2 via pipeline.cli), never tracebacks.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -35,10 +34,12 @@ def add_parser(subparsers) -> None:
              "preview": "pretty-print the first records"}
     for name, h in helps.items():
         sp = dsub.add_parser(name, help=h)
-        sp.add_argument("file", help="a .jsonl/.json/.csv/.parquet file (optionally .gz), a hub name, or default:<name>")
+        sp.add_argument("file", help="a .jsonl/.json/.csv/.parquet file (optionally .gz), a hub name, "
+                        "or default:<name>")
         if name == "convert":
             sp.add_argument("out", help="output .jsonl path")
-        sp.add_argument("--format", default="canonical", choices=get_args(Format), help="source format (default: canonical)")
+        sp.add_argument("--format", default="canonical", choices=get_args(Format),
+                        help="source format (default: canonical)")
         sp.add_argument("--field", action="append", default=[], metavar="OURS=THEIRS",
                         help="map one of our field names to a source column; repeatable")
         sp.add_argument("--kind", choices=KINDS, help="what the rows are; guessed from the format or file when omitted")
@@ -98,7 +99,7 @@ def _describe(records: list) -> str:
     counts = Counter(type(r).__name__ for r in records)
     names = {"Demonstration": "demonstrations", "PreferencePair": "preference pairs", "Ranking": "rankings",
              "Prompt": "prompts"}
-    return ", ".join(f"{n} {names[k]}" for k, n in counts.items())
+    return ", ".join(f"{counts[k]} {name}" for k, name in names.items() if counts[k])
 
 
 def cmd_validate(args) -> int:

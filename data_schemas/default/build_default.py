@@ -62,7 +62,8 @@ def build(rng: random.Random) -> dict[str, list[dict]]:
     kind_pairs = [("rude", "wrong"), ("wrong", "evasive"), ("rude", "evasive"), ("wrong", "rude"), ("evasive", "rude")]
     for i, (q, good, wrong) in enumerate(BENIGN[N_RANKINGS:]):
         for kind in kind_pairs[i % len(kind_pairs)]:
-            bad = {"rude": lambda: rude(rng, good), "wrong": lambda: wrong, "evasive": lambda: rng.choice(EVASIVE)}[kind]()
+            bad = {"rude": lambda: rude(rng, good), "wrong": lambda: wrong,
+                   "evasive": lambda: rng.choice(EVASIVE)}[kind]()
             prefs.append({"prompt": user(q), "chosen": good, "rejected": bad})
     for q, refusal, bad, _tags in HARMFUL:
         prefs.append({"prompt": user(q), "chosen": refusal, "rejected": bad})

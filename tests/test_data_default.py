@@ -1,0 +1,114 @@
+"""The dataset shipped in the package: counts, validity, a consistent preference signal, and the
+`rlhf data` commands run on it."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from data_schemas.loaders import load_demonstrations, load_preferences, load_prompts
+from data_schemas.records import PreferencePair, Ranking, to_canonical
+from data_schemas.sources import DEFAULT_DIR
+from data_schemas.spec import DatasetSpec
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _default(name: str) -> DatasetSpec:
+    return DatasetSpec(source=f"default:{name}")
+
+
+def test_default_counts():
+    demos = load_demonstrations(_default("demonstrations"))
+    prefs = load_preferences(_default("preferences"))
+    prompts = load_prompts(_default("prompts"))
+    evals = load_prompts(_default("eval_prompts"))
+    rankings = [r for r in prefs if isinstance(r, Ranking)]
+    pairs = [r for r in prefs if isinstance(r, PreferencePair)]
+    assert len(demos) == 168
+    assert (len(pairs), len(rankings)) == (276, 30)
+    assert all(len(r.responses) == 4 for r in rankings)
+    assert len(prompts) == 100 and len(evals) == 60
+    assert sum("harmful" in p.tags for p in evals) == 24
+    assert sum("harmful" in p.tags for p in prompts) == 30
+
+
+def test_default_prompts_are_disjoint_and_short():
+    prompts = load_prompts(_default("prompts"))
+    evals = load_prompts(_default("eval_prompts"))
+    train = {r.prompt[-1].content for r in load_preferences(_default("preferences"))}
+    train |= {d.messages[-2].content for d in load_demonstrations(_default("demonstrations"))}
+    ppo = {p.messages[-1].content for p in prompts}
+    ev = {p.messages[-1].content for p in evals}
+    assert not ev & (ppo | train), "eval prompts must be held out"
+    assert not ppo & train
+    assert len({p.id for p in prompts + evals}) == 160
+
+
+def test_default_preference_signal_is_consistent():
+    """No reply is preferred in one pair and rejected in another, so the reward model sees one signal."""
+    pairs = [r for r in load_preferences(_default("preferences")) if isinstance(r, PreferencePair)]
+    chosen = {p.chosen for p in pairs}
+    rejected = {p.rejected for p in pairs}
+    assert not chosen & rejected
+    assert len({json.dumps(to_canonical(p)) for p in pairs}) == len(pairs), "no duplicate pairs"
+    # Replies stay short (CPU training speed): every text well under ~120 tokens.
+    words = [len(t.split()) for p in pairs for t in (p.chosen, p.rejected, p.prompt[-1].content)]
+    assert max(words) < 60
+
+
+def test_shipped_files_match_the_generator():
+    spec = importlib.util.spec_from_file_location("build_default", DEFAULT_DIR / "build_default.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    import random
+
+    for name, rows in module.build(random.Random(0)).items():
+        shipped = [json.loads(line) for line in (DEFAULT_DIR / f"{name}.jsonl").read_text().splitlines()]
+        assert shipped == rows, f"{name}.jsonl is stale: run python data_schemas/default/build_default.py"
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", "data", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=180)
+
+
+def test_cli_validate_all_four_defaults():
+    expected = {"demonstrations": "168 demonstrations from 168 rows",
+                "preferences": "276 preference pairs, 30 rankings from 306 rows",
+                "prompts": "100 prompts from 100 rows", "eval_prompts": "60 prompts from 60 rows"}
+    for name, counts in expected.items():
+        proc = _cli("validate", f"default:{name}")
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == f"default:{name}: ok: {counts}"
+
+
+def test_cli_stats_preview_convert(tmp_path):
+    proc = _cli("stats", "default:preferences")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "records: 276 preference pairs, 30 rankings" in out
+    assert "K=2: 276, K=4: 30; pairwise comparisons in all: 456" in out
+    assert "prompt length (" in out and "duplicates: 0 identical records" in out
+
+    proc = _cli("preview", "default:eval_prompts", "-n", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("--- prompts record") == 2 and '"id": "eval-001"' in proc.stdout
+
+    out_file = tmp_path / "prefs.jsonl"
+    proc = _cli("convert", "tests/data/bad/bad_label.csv", str(out_file), "--format", "ab_label",
+                "--field", "prompt=question", "--skip-invalid")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"wrote 1 records (preferences, canonical) to {out_file}"
+    assert json.loads(out_file.read_text()) == {
+        "prompt": [{"role": "user", "content": "How do I boil an egg?"}],
+        "chosen": "Simmer it for ten minutes.", "rejected": "Figure it out."}
+    (pair,) = load_preferences(DatasetSpec(source=str(out_file)))
+    assert pair.chosen == "Simmer it for ten minutes."
+
+    proc = _cli("convert", "default:prompts", str(tmp_path / "out.csv"))
+    assert proc.returncode == 2 and proc.stderr.strip().endswith("the output must be a .jsonl file")
