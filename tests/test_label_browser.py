@@ -70,6 +70,7 @@ class Server:
 
 @pytest.fixture
 def browser(tmp_path):
+    pytest.importorskip("selenium", reason="needs selenium (pip install -e '.[test]')")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
