@@ -52,6 +52,7 @@ class TrainLoop(Section):
     eval_fraction: float = Field(0.1, ge=0, lt=1)
     save_steps: int = Field(0, ge=0, description="checkpoint every N steps for resume; 0 = end only")
     logging_steps: int = Field(1, ge=1)
+    eval_steps: int = Field(0, ge=0, description="evaluate every N steps; 0 = at the end only")
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
 
 
@@ -131,10 +132,12 @@ class BaselineConfig(Section):
 class CompareConfig(Section):
     prompts: DatasetSpec = Field(default_factory=lambda: DatasetSpec(source="default:eval_prompts"))
     models: list[str] = Field(default_factory=lambda: ["baseline", "sft", "ppo"], min_length=1)
-    reward_model: str = "reward"
-    reference: str = "sft"
+    reward_model: str = Field("reward", description="'reward' (this run's RM) or a reward-model path; judges win rates")
+    reference: str | None = Field("sft", description="KL reference for tuned models; null = skip KL")
     decoding: Decoding = Field(default_factory=Decoding)
-    bootstrap: int = Field(1000, ge=0)
+    bootstrap: int = Field(1000, ge=0, description="resamples over prompts for win-rate intervals; 0 = none")
+    tie_epsilon: float = Field(1e-6, ge=0, description="RM scores closer than this are a tie")
+    report_samples: int = Field(20, ge=0, description="prompts shown side by side in the report")
 
 
 class RunConfig(Section):

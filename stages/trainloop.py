@@ -1,0 +1,348 @@
+"""The lean training loop shared by the SFT and reward stages.
+
+Why not TRL's trainers: on this machine SFTTrainer spent most of each step in extras we do not
+use (see README, "SFT and reward model", for the measurement), and both stages need the same
+resume checkpoints and spike-guard hooks. The loop is plain accelerate: a deterministic data
+stream, gradient accumulation, clipping, the guard, an LR schedule, periodic checkpoints.
+
+Data stream: epoch e is a seeded permutation of the training items; the epochs are concatenated
+into one stream and micro-batch m takes the next `batch_size * world_size` items of it (rank r
+its own slice). The data position is therefore one integer (the micro-batch cursor), which a
+checkpoint stores; resuming replays nothing and skips nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from collections import deque
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import torch
+
+from data_schemas.files import atomic_replace_dir, atomic_write_json, atomic_write_jsonl, staging_dir
+from stages.common import StageError, read_metrics, stage_dir
+from stages.config import LoRAConfig, RunConfig, TrainLoop
+
+CKPT_PREFIX = "step-"
+KEEP_CHECKPOINTS = 2
+# Fields that may change between a run and its resume without invalidating the checkpoints.
+RESUMABLE_CHANGES = ("max_steps", "epochs", "save_steps", "logging_steps", "eval_steps")
+
+
+class LossOut(NamedTuple):
+    """What a stage's loss function returns for one micro-batch.
+
+    loss_sum: () tensor, the loss summed over the micro-batch's units (target tokens for SFT,
+              comparison groups for the RM); the loop divides by the step's unit count.
+    tokens:   int, input tokens processed (for tokens/s).
+    """
+
+    loss_sum: torch.Tensor
+    tokens: int
+
+
+@dataclass
+class Batch:
+    """A collated micro-batch: tensors for the model plus `count`, its number of loss units."""
+
+    tensors: dict
+    count: int
+
+
+# ---- setup ----
+
+def make_accelerator(cfg: RunConfig):
+    from accelerate import Accelerator
+
+    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision]
+    try:
+        return Accelerator(mixed_precision=mixed)
+    except ValueError as e:
+        raise StageError(f"precision {cfg.precision!r} is not usable here: {str(e).splitlines()[0]}") from None
+
+
+def apply_lora(model, lora: LoRAConfig, task_type: str):
+    """Wrap `model` with fresh LoRA adapters (task_type 'CAUSAL_LM' or 'SEQ_CLS', which also trains the score head)."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                     target_modules=lora.target_modules, task_type=task_type)
+    return get_peft_model(model, cfg)
+
+
+def split_items(n: int, eval_fraction: float, seed: int, keys: list | None = None) -> tuple[list[int], list[int]]:
+    """Seeded train/eval split of n items. With `keys`, items sharing a key (e.g. the same
+    prompt) land on the same side, so the eval split never sees a training prompt."""
+    import random
+
+    keys = list(range(n)) if keys is None else keys
+    uniq = list(dict.fromkeys(keys))
+    random.Random(seed).shuffle(uniq)
+    n_eval = min(len(uniq) - 1, round(len(uniq) * eval_fraction)) if eval_fraction > 0 else 0
+    if eval_fraction > 0 and len(uniq) >= 2:
+        n_eval = max(1, n_eval)
+    eval_keys = set(uniq[:n_eval])
+    train = [i for i in range(n) if keys[i] not in eval_keys]
+    evals = [i for i in range(n) if keys[i] in eval_keys]
+    return train, evals
+
+
+def total_steps(tc: TrainLoop, n_train: int, world: int) -> int:
+    if tc.max_steps > 0:
+        return tc.max_steps
+    per_step = tc.batch_size * tc.grad_accum * world
+    return max(1, math.ceil(tc.epochs * n_train / per_step))
+
+
+def micro_batch_indices(n: int, seed: int, cursor: int, batch_size: int, world: int, rank: int,
+                        _perms: dict = {}) -> list[int]:  # noqa: B006 - a deliberate per-process cache
+    """Item indices of global micro-batch `cursor` for this rank (see the module docstring)."""
+    start = cursor * batch_size * world + rank * batch_size
+    out = []
+    for pos in range(start, start + batch_size):
+        epoch, off = divmod(pos, n)
+        key = (n, seed, epoch)
+        if key not in _perms:
+            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            _perms[key] = torch.randperm(n, generator=g).tolist()
+        out.append(_perms[key][off])
+    return out
+
+
+def config_fingerprint(cfg: RunConfig, stage: str) -> str:
+    """Hash of everything that shapes a stage's training, minus the fields a resume may change."""
+    section = getattr(cfg, stage).model_dump(mode="json")
+    for k in RESUMABLE_CHANGES:
+        section.pop(k, None)
+    key = {"model": cfg.model, "seed": cfg.seed, "precision": cfg.precision, stage: section}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---- checkpoints (resume) ----
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        if p.name.startswith(CKPT_PREFIX) and (p / "trainer_state.json").exists():
+            try:
+                out.append((int(p.name[len(CKPT_PREFIX):]), p))
+            except ValueError:
+                continue
+    return sorted(out)
+
+
+def save_checkpoint(root: Path, step: int, state: dict, model, optimizer, scheduler) -> Path:
+    """model (trainable params, safetensors), optimizer, scheduler, RNG and loop state, written to
+    a staging folder and moved into place; older checkpoints beyond the last two are removed."""
+    from safetensors.torch import save_file
+
+    final = root / f"{CKPT_PREFIX}{step}"
+    tmp = staging_dir(final)
+    params = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(params, str(tmp / "model.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, tmp / "rng.pt")
+    atomic_write_json(tmp / "trainer_state.json", state)
+    atomic_replace_dir(tmp, final)
+    for _, old in list_checkpoints(root)[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    from safetensors.torch import load_file
+
+    params = load_file(str(path / "model.safetensors"))
+    own = dict(model.named_parameters())
+    unknown = sorted(set(params) - set(own))
+    if unknown:
+        raise StageError(f"checkpoint {path} does not match the model (unknown parameter {unknown[0]}); "
+                         "delete the checkpoints folder to start over")
+    with torch.no_grad():
+        for n, t in params.items():
+            own[n].copy_(t)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+def _truncate_metrics(run_dir: Path, stage: str, last_step: int) -> None:
+    """On resume, drop log rows of steps after the checkpoint (a killed run may have logged them)."""
+    rows = read_metrics(run_dir, stage)
+    if any(r.get("step", 0) > last_step for r in rows):
+        atomic_write_jsonl(stage_dir(run_dir, stage) / "metrics.jsonl", [r for r in rows if r.get("step", 0) <= last_step])
+
+
+# ---- the loop ----
+
+def fit(*, accelerator, model, cfg: RunConfig, stage: str, run_dir: Path, n_train: int,
+        make_batch: Callable[[list[int]], Batch], loss_fn: Callable[[object, Batch], LossOut],
+        evaluate: Callable[[object], dict], logger) -> tuple[object, dict]:
+    """Train `model` on items [0, n_train) of the stage's data; return (prepared model, results).
+
+    results: train_loss (mean of the last 10 steps), steps, resumed_from, plus `evaluate`'s
+    metrics (prefixed eval_) on the final model.
+    """
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    from stages.guard import SpikeGuard
+
+    tc: TrainLoop = getattr(cfg, stage)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    steps = total_steps(tc, n_train, world)
+    ckpt_root = stage_dir(run_dir, stage) / "checkpoints"
+    fingerprint = config_fingerprint(cfg, stage)
+
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr)
+    sched_name = "constant_with_warmup" if tc.lr_scheduler == "constant" else tc.lr_scheduler
+    scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=round(tc.warmup_ratio * steps),
+                              num_training_steps=steps)
+    # The scheduler stays unwrapped: it steps exactly once per optimizer step on every rank.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw = accelerator.unwrap_model(model)
+
+    step, cursor, recent, resumed_from = 0, 0, deque(maxlen=10), None
+    ckpts = list_checkpoints(ckpt_root)
+    if ckpts:
+        last_step, path = ckpts[-1]
+        state = json.loads((path / "trainer_state.json").read_text())
+        if state.get("fingerprint") != fingerprint:
+            raise StageError(f"the checkpoints in {ckpt_root} were made with a different {stage} config; "
+                             f"delete that folder to start over, or restore the config to resume")
+        state = load_checkpoint(path, raw, optimizer, scheduler)
+        step, cursor, resumed_from = state["step"], state["cursor"], state["step"]
+        recent.extend(state.get("recent_losses", []))
+        if accelerator.is_main_process:
+            _truncate_metrics(run_dir, stage, step)
+            print(f"{stage}: resuming from {path} (step {step} of {steps})", flush=True)
+    elif accelerator.is_main_process:
+        (stage_dir(run_dir, stage) / "metrics.jsonl").unlink(missing_ok=True)  # a fresh start, a fresh log
+
+    guard = SpikeGuard(cfg.guard, {"model": raw, "optimizer": optimizer, "scheduler": scheduler}, logger)
+
+    def checkpoint():
+        state = {"step": step, "cursor": cursor, "total_steps": steps, "recent_losses": list(recent),
+                 "fingerprint": fingerprint}
+        if accelerator.is_main_process:
+            save_checkpoint(ckpt_root, step, state, raw, optimizer, scheduler)
+        accelerator.wait_for_everyone()
+
+    pbar = tqdm(total=steps, initial=step, desc=stage, disable=not accelerator.is_main_process, dynamic_ncols=True)
+    t_start = time.perf_counter()
+    while step < steps:
+        if guard.should_skip():
+            cursor += tc.grad_accum
+            continue
+        t0 = time.perf_counter()
+        batches = [make_batch(micro_batch_indices(n_train, cfg.seed, cursor + i, tc.batch_size, world, rank))
+                   for i in range(tc.grad_accum)]
+        cursor += tc.grad_accum
+        units = max(1, sum(b.count for b in batches))
+        model.train()
+        loss_total, tokens = torch.zeros((), device=accelerator.device), 0
+        for i, b in enumerate(batches):
+            # Gradients are all-reduced once per optimizer step, on the last micro-batch.
+            with accelerator.no_sync(model) if i < len(batches) - 1 else nullcontext():
+                out = loss_fn(model, b)
+                loss = out.loss_sum / units
+                accelerator.backward(loss)
+            loss_total += loss.detach().float()
+            tokens += out.tokens
+        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip))
+        loss_val = accelerator.reduce(loss_total, reduction="mean").item()
+        if not guard.check(step + 1, loss=loss_val, grad_norm=grad_norm):
+            optimizer.zero_grad(set_to_none=True)
+            continue
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        guard.after_step(step)
+        recent.append(loss_val)
+        dt = time.perf_counter() - t0
+        pbar.update(1)
+        pbar.set_postfix(loss=f"{loss_val:.4f}")
+        if step % tc.logging_steps == 0 or step == steps:
+            epoch = cursor * tc.batch_size * world / n_train
+            logger.log(step, loss=loss_val, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens * world / dt,
+                       step_s=dt, epoch=round(epoch, 4))
+        if step == steps or (tc.save_steps and step % tc.save_steps == 0):
+            checkpoint()
+        if tc.eval_steps and step % tc.eval_steps == 0 and step < steps:
+            logger.log(step, **{f"eval_{k}": v for k, v in evaluate(model).items()})
+    pbar.close()
+    wall = time.perf_counter() - t_start
+
+    eval_metrics = {f"eval_{k}": v for k, v in evaluate(model).items()}
+    if eval_metrics:
+        logger.log(step, **eval_metrics)
+    results = {"train_loss": sum(recent) / len(recent) if recent else None, "steps": step,
+               "resumed_from": resumed_from, "train_wall_s": round(wall, 2), **eval_metrics}
+    return model, results
+
+
+def eval_shard(items: list[int], accelerator) -> list[int]:
+    """This rank's share of the eval items (every world_size-th one)."""
+    return items[accelerator.process_index::accelerator.num_processes]
+
+
+def chunks(seq: list, size: int):
+    for i in range(0, len(seq), size):
+        yield seq[i:i + size]
+
+
+# ---- export ----
+
+def save_hf_model(accelerator, model, tokenizer, out_dir: Path, extra_files: dict | None = None) -> None:
+    """Write a plain HF safetensors folder (model + tokenizer [+ json files]) atomically, rank 0 only."""
+    raw = accelerator.unwrap_model(model)
+    state_dict = accelerator.get_state_dict(model)  # gathers FSDP/ZeRO-3 shards
+    if accelerator.is_main_process:
+        tmp = staging_dir(out_dir)
+        raw.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for name, obj in (extra_files or {}).items():
+            atomic_write_json(tmp / name, obj)
+        atomic_replace_dir(tmp, out_dir)
+    accelerator.wait_for_everyone()
+
+
+def export_lora(accelerator, model, tokenizer, adapter_dir: Path | None, merged_dir: Path | None,
+                extra_files: dict | None = None) -> None:
+    """Save the LoRA adapter (if adapter_dir) and/or the merged full model (if merged_dir)."""
+    raw = accelerator.unwrap_model(model)
+    if accelerator.is_main_process and adapter_dir is not None:
+        tmp = staging_dir(adapter_dir)
+        raw.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        atomic_replace_dir(tmp, adapter_dir)
+    if merged_dir is not None and accelerator.is_main_process:
+        merged = raw.merge_and_unload()
+        tmp = staging_dir(merged_dir)
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for name, obj in (extra_files or {}).items():
+            atomic_write_json(tmp / name, obj)
+        atomic_replace_dir(tmp, merged_dir)
+    accelerator.wait_for_everyone()
