@@ -58,8 +58,9 @@ class TrainLoop(Section):
 
 class SFTConfig(TrainLoop):
     data: DatasetSpec = Field(default_factory=lambda: DatasetSpec(source="default:demonstrations"))
-    packing: bool = False
-    padding_free: bool = False
+    packing: bool = Field(False, description="bin whole examples into rows of max_length tokens (fewer, fuller steps)")
+    padding_free: bool = Field(True, description="concatenate a batch into one row with per-sequence positions: "
+                               "no compute on padding (1.1-1.2x faster than padded here)")
     merge_lora: bool = Field(True, description="also export a merged full model when LoRA is on")
 
 

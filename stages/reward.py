@@ -1,0 +1,179 @@
+"""Reward-model training on preference pairs and K-wise rankings (InstructGPT step 2).
+
+    rlhf reward CONFIG
+    accelerate launch -m stages.reward --run-dir D
+
+The model is a sequence classifier with one output, initialised from this run's SFT model by
+default (`reward.init_from: sft`). The reward of a reply is the score at its last token, the
+<|im_end|> that closes the reply: sequences are `prompt (chat template, generation header) +
+reply + EOS`, exactly what PPO scores after generating. Rows are right-padded and
+`config.pad_token_id` is set, so HF's classifier reads the last non-pad token.
+
+Output: D/reward/model, a plain HF checkpoint (AutoModelForSequenceClassification + tokenizer,
+saved with padding_side="right") plus reward_stats.json, the eval-set reward mean/std that PPO
+uses to normalise rewards.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from stages.common import (MetricsLogger, StageError, render_prompts, resolve_input_model, stage_dir, stage_main,
+                           write_stage_config, write_summary)
+from stages.config import RunConfig
+from stages.reward_loss import build_comparisons, grouped_bt_loss, pair_gaps, preference_metrics
+from stages.trainloop import (Batch, LossOut, apply_lora, chunks, eval_shard, export_lora, fit, make_accelerator,
+                              save_hf_model, split_items)
+
+STATS_FILE = "reward_stats.json"
+
+
+# ---- data ----
+
+def tokenize_group(tokenizer, prompt_text: str, replies: list[str], max_length: int) -> list[list[int]]:
+    """Token ids of prompt + reply + EOS for each reply. Too-long rows lose their oldest tokens,
+    so the reply's end (where the reward is read) always survives."""
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    rows = []
+    for reply in replies:
+        ids = prompt_ids + tokenizer(reply, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append(ids[-max_length:])
+    return rows
+
+
+def preference_groups(tokenizer, records, max_length: int) -> tuple[list[tuple[list[list[int]], float | None]], list[str]]:
+    """PreferencePair / Ranking records -> (groups, prompt keys). A group is (rows best first, margin)."""
+    from data_schemas.records import PreferencePair, as_chat
+
+    groups, keys = [], []
+    for rec in records:
+        prompt_text = render_prompts(tokenizer, [as_chat(rec.prompt)])[0]
+        if isinstance(rec, PreferencePair):
+            replies, margin = [rec.chosen, rec.rejected], rec.margin
+        else:
+            replies, margin = list(rec.responses), None
+        groups.append((tokenize_group(tokenizer, prompt_text, replies, max_length), margin))
+        keys.append(prompt_text)
+    return groups, keys
+
+
+def collate_groups(groups, pad_id: int) -> Batch:
+    """Right-padded rows of all replies of the groups, back to back.
+
+    tensors: input_ids, attention_mask (R, T) with R = total replies; comps: the Comparisons
+    (indices into the R rewards). count = number of groups (the loss unit).
+    """
+    rows = [r for g, _ in groups for r in g]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1
+    comps = build_comparisons([len(g) for g, _ in groups], [m for _, m in groups])
+    return Batch({"input_ids": ids, "attention_mask": mask, "comps": comps}, count=len(groups))
+
+
+def score(model, batch: Batch) -> torch.Tensor:
+    """(R,) scalar rewards of the batch's rows."""
+    device = next(model.parameters()).device
+    out = model(input_ids=batch.tensors["input_ids"].to(device), attention_mask=batch.tensors["attention_mask"].to(device),
+                use_cache=False)
+    return out.logits[:, 0].float()
+
+
+def make_loss_fn(use_margin: bool):
+    def loss_fn(model, batch: Batch) -> LossOut:
+        rewards = score(model, batch)
+        loss = grouped_bt_loss(rewards, batch.tensors["comps"], use_margin=use_margin, reduction="sum")
+        return LossOut(loss, int(batch.tensors["attention_mask"].sum()))
+    return loss_fn
+
+
+def evaluate_groups(model, groups, accelerator, batch_size: int, pad_id: int, use_margin: bool) -> dict:
+    """Loss, accuracy, mean margin and reward mean/std over `groups` (sharded across ranks)."""
+    from accelerate.utils import gather_object
+
+    model.eval()
+    rewards, gaps, loss_sum = [], [], 0.0
+    with torch.no_grad():
+        for part in chunks([groups[i] for i in eval_shard(list(range(len(groups))), accelerator)], batch_size):
+            b = collate_groups(part, pad_id)
+            r = score(model, b)
+            loss_sum += grouped_bt_loss(r, b.tensors["comps"], use_margin=use_margin, reduction="sum").item()
+            rewards.extend(r.tolist())
+            gaps.extend(pair_gaps(r, b.tensors["comps"]).tolist())
+    if accelerator.num_processes > 1:
+        rewards, gaps = gather_object(rewards), gather_object(gaps)
+        loss_sum = sum(gather_object([loss_sum]))
+    metrics = preference_metrics(torch.tensor(gaps), torch.tensor(rewards))
+    return {"loss": loss_sum / max(1, len(groups)), **metrics}
+
+
+# ---- stage ----
+
+def run(cfg: RunConfig, run_dir: Path) -> dict:
+    from accelerate.utils import set_seed
+
+    from data_schemas.loaders import load_preferences
+    from stages.models import load_reward_model, load_tokenizer
+
+    run_dir, rc, t_start = Path(run_dir), cfg.reward, time.time()
+    out_dir = stage_dir(run_dir, "reward")
+    init = resolve_input_model(run_dir, rc.init_from, needed_by="reward") if rc.init_from else cfg.model
+    accelerator = make_accelerator(cfg)
+    set_seed(cfg.seed)
+    records = load_preferences(rc.data)  # bad data fails here, before any model loads
+    tokenizer = load_tokenizer(init, cfg.trust_remote_code)
+    tokenizer.padding_side = "right"  # saved with the model: plain HF scoring then reads the right token
+    groups, keys = preference_groups(tokenizer, records, rc.max_length)
+    if not groups:
+        raise StageError(f"reward: {rc.data.source} has no preference records")
+    train_idx, eval_idx = split_items(len(groups), rc.eval_fraction, cfg.seed, keys=keys)
+    train = [groups[i] for i in train_idx]
+    evals = [groups[i] for i in eval_idx]
+    if accelerator.is_main_process:
+        write_stage_config(run_dir, "reward", cfg)
+        n_pairs = sum(len(g) * (len(g) - 1) // 2 for g, _ in train)
+        print(f"reward: {len(train)} train groups ({n_pairs} comparisons) / {len(evals)} eval groups; init {init}", flush=True)
+    logger = MetricsLogger(run_dir, "reward", enabled=accelerator.is_main_process)
+
+    model = load_reward_model(init, "fp32", cfg.trust_remote_code, pad_token_id=tokenizer.pad_token_id)
+    if rc.lora.enabled:
+        model = apply_lora(model, rc.lora, "SEQ_CLS")
+
+    def evaluate(m) -> dict:
+        if not evals:
+            return {}
+        return evaluate_groups(m, evals, accelerator, rc.batch_size, tokenizer.pad_token_id, rc.use_margin)
+
+    model, results = fit(accelerator=accelerator, model=model, cfg=cfg, stage="reward", run_dir=run_dir,
+                         n_train=len(train), make_batch=lambda idx: collate_groups([train[i] for i in idx], tokenizer.pad_token_id),
+                         loss_fn=make_loss_fn(rc.use_margin), evaluate=evaluate, logger=logger)
+
+    # ---- normalisation stats, export ----
+    if evals:
+        stats = {"mean": results["eval_reward_mean"], "std": results["eval_reward_std"], "split": "eval", "n": sum(len(g) for g, _ in evals)}
+    else:  # no held-out split: the training set is the only sample of the reward distribution
+        m = evaluate_groups(model, train, accelerator, rc.batch_size, tokenizer.pad_token_id, rc.use_margin)
+        stats = {"mean": m["reward_mean"], "std": m["reward_std"], "split": "train", "n": sum(len(g) for g, _ in train)}
+    if rc.lora.enabled:
+        export_lora(accelerator, model, tokenizer, None, out_dir / "model", extra_files={STATS_FILE: stats})
+    else:
+        save_hf_model(accelerator, model, tokenizer, out_dir / "model", extra_files={STATS_FILE: stats})
+
+    summary = {"eval_accuracy": results.get("eval_accuracy"), "eval_margin": results.get("eval_margin"),
+               "eval_loss": results.get("eval_loss"), "reward_mean": stats["mean"], "reward_std": stats["std"],
+               "train_loss": results["train_loss"], "steps": results["steps"], "resumed_from": results["resumed_from"],
+               "train_groups": len(train), "eval_groups": len(evals), "init_from": init,
+               "wall_s": round(time.time() - t_start, 2)}
+    if accelerator.is_main_process:
+        write_summary(run_dir, "reward", summary)
+    logger.close()
+    return summary
+
+
+if __name__ == "__main__":
+    stage_main("reward", run)

@@ -1,0 +1,136 @@
+"""Reward stage on the tiny model: padding, K-wise batches, the entry point, artifacts, plain HF
+loading of the exported RM, resume; plus the opt-in HH-RLHF benchmark."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from stages.config import RunConfig
+from stages.models import TINY_MODEL, load_reward_model, load_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_cfg(**reward) -> RunConfig:
+    base = {"data": {"source": "default:preferences", "limit": 40}, "init_from": TINY_MODEL, "max_steps": 2,
+            "batch_size": 4, "lr": 1e-3, "max_length": 128, "eval_fraction": 0.25}
+    return RunConfig.model_validate({"name": "t", "model": TINY_MODEL, "reward": {**base, **reward}})
+
+
+def _params(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+def test_score_is_read_at_the_last_real_token_for_either_padding(tiny_model_dir):
+    tok = load_tokenizer(TINY_MODEL)
+    model = load_reward_model(TINY_MODEL, pad_token_id=tok.pad_token_id).eval()
+    texts = ["<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello there, friend.<|im_end|>",
+             "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nNo.<|im_end|>"]
+    with torch.no_grad():
+        alone = [model(**tok(t, return_tensors="pt")).logits[0, 0].item() for t in texts]
+        for side in ("right", "left"):
+            tok.padding_side = side
+            batch = tok(texts, return_tensors="pt", padding=True)
+            assert (batch["input_ids"] == tok.pad_token_id).any()
+            got = model(**batch).logits[:, 0].tolist()
+            assert got == pytest.approx(alone, abs=1e-4), side
+
+
+def test_kwise_group_batch_layout(tiny_model_dir):
+    from data_schemas.records import PreferencePair, Ranking
+    from stages.reward import collate_groups, preference_groups
+
+    tok = load_tokenizer(TINY_MODEL)
+    prompt = [{"role": "user", "content": "Rank these."}]
+    recs = [PreferencePair(prompt=prompt, chosen="good", rejected="bad", margin=0.5),
+            Ranking(prompt=prompt, responses=["a", "b", "c", "d"])]
+    groups, keys = preference_groups(tok, recs, 64)
+    assert [len(g) for g, _ in groups] == [2, 4] and keys[0] == keys[1]
+    for rows, _ in groups:
+        assert all(r[-1] == tok.eos_token_id for r in rows)  # the reward is read at the reply's EOS
+    b = collate_groups(groups, tok.pad_token_id)
+    assert b.count == 2 and b.tensors["input_ids"].shape[0] == 6
+    comps = b.tensors["comps"]
+    assert comps.group.tolist() == [0] + [1] * 6  # 1 pair + C(4,2) comparisons
+    assert comps.margin.tolist() == [0.5] + [0.0] * 6
+
+
+def test_reward_run_artifacts_plain_hf_scoring_and_resume(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from stages.reward import run
+
+    s1 = run(tiny_cfg(max_steps=2, save_steps=1), tmp_path)
+    rdir = tmp_path / "reward"
+    files = {str(p.relative_to(rdir)) for p in rdir.rglob("*") if "tensorboard" not in p.parts}
+    assert files == {
+        "config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "checkpoints/step-1", "checkpoints/step-2",
+        *(f"checkpoints/step-{n}/{f}" for n in (1, 2) for f in
+          ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json")),
+        "model", *(f"model/{f}" for f in ("config.json", "model.safetensors", "reward_stats.json",
+                                          "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")),
+    }
+    summary = json.loads((rdir / "summary.json").read_text())
+    assert summary == s1
+    assert 0.0 <= s1["eval_accuracy"] <= 1.0 and s1["steps"] == 2
+    assert set(s1) >= {"eval_accuracy", "eval_margin", "reward_mean", "reward_std", "steps", "wall_s"}
+    rows = [json.loads(x) for x in (rdir / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_accuracy" in r for r in rows)
+    stats = json.loads((rdir / "model/reward_stats.json").read_text())
+    assert stats["mean"] == pytest.approx(s1["reward_mean"]) and stats["std"] > 0
+
+    # a plain HF load scores like the stage did, batched with the saved tokenizer's padding
+    init = load_reward_model(TINY_MODEL)
+    rm = AutoModelForSequenceClassification.from_pretrained(rdir / "model").eval()
+    assert rm.config.num_labels == 1 and rm.config.pad_token_id is not None
+    assert any(not torch.equal(p, init.state_dict()[n]) for n, p in rm.state_dict().items())
+    tok = AutoTokenizer.from_pretrained(rdir / "model")
+    texts = ["<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>",
+             "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nGo away, I am busy today.<|im_end|>"]
+    with torch.no_grad():
+        batched = rm(**tok(texts, return_tensors="pt", padding=True)).logits[:, 0].tolist()
+        alone = [rm(**tok(t, return_tensors="pt")).logits[0, 0].item() for t in texts]
+    assert batched == pytest.approx(alone, abs=1e-4)
+
+    step2 = _params(rdir / "model")
+    s2 = run(tiny_cfg(max_steps=4, save_steps=1), tmp_path)
+    assert s2["resumed_from"] == 2 and s2["steps"] == 4
+    steps = [r["step"] for r in map(json.loads, (rdir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert steps == [1, 2, 3, 4]
+    after = _params(rdir / "model")
+    assert any(not torch.equal(after[k], step2[k]) for k in after)
+
+
+def test_reward_lora_merges_into_a_plain_checkpoint(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    from stages.reward import run
+
+    s = run(tiny_cfg(max_steps=1, lora={"enabled": True, "r": 4, "alpha": 8}), tmp_path)
+    rm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "reward/model")
+    assert not any("lora" in n for n, _ in rm.named_parameters())
+    assert s["eval_accuracy"] is not None
+
+
+def test_init_from_sft_needs_the_sft_model(tmp_path):
+    from stages.common import StageError
+    from stages.reward import run
+
+    with pytest.raises(StageError, match="run `rlhf sft` first"):
+        run(tiny_cfg(init_from="sft"), tmp_path)
+
+
+@pytest.mark.slow
+def test_rm_hh_benchmark(shared_data, tmp_path):
+    """bench/rm_hh.py end to end on a small slice (the full 1500/300 run is the benchmark itself)."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "bench/rm_hh.py", "--train", "16", "--eval", "8", "--max-length", "256",
+                           "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert 0.0 <= result["eval_accuracy"] <= 1.0 and result["train_pairs"] == 16 and result["eval_pairs"] == 8
