@@ -131,6 +131,18 @@ def test_two_iterations_artifacts_training_and_frozen_reference(tmp_path, upstre
     assert torch.equal(exported[name], dict(m.policy.named_parameters())[name])
 
 
+def test_scoring_pass_matches_the_training_pass(tmp_path, upstream):
+    """With a vanishing learning rate the policy cannot move, so every minibatch must see ratio 1:
+    the no-grad scoring pass (big chunks) and the training pass (minibatches) compute the same
+    log-probs and values for the same tokens (alignment, masks, positions, temperature)."""
+    cfg, run_dir = make_run(tmp_path, upstream, iterations=1, lr=1e-30, temperature=0.7, batch_size=4,
+                            mini_batch_size=1, ppo_epochs=2)
+    ppo.run(cfg, run_dir)
+    row = _rows(run_dir)[0]
+    assert row["ratio_max"] == pytest.approx(1.0, abs=1e-4) and row["approx_kl"] < 1e-9
+    assert row["clipfrac"] == 0.0 and row["value_clipfrac"] == 0.0
+
+
 # ---- LoRA: one base copy ----
 
 def test_lora_reference_is_the_adapter_disabled_policy(tmp_path, upstream, monkeypatch):
