@@ -1,0 +1,256 @@
+"""Compare stage (`rlhf compare`, folder run_dir/compare/): any set of models answers the same eval
+prompts with the same seeded decoding settings, and is scored on
+
+  mean RM score       the reward model (compare.reward_model) on the chat-formatted (prompt, response)
+  RM win rate         per prompt pair, with ties, and a bootstrap interval over prompts
+  KL to reference     tuned models only: mean over prompts of sum_t log pi(y_t) - log pi_ref(y_t)
+  length              response tokens, and a length-controlled win rate
+  diversity           distinct-1 / distinct-2
+  offensive language  alt-profanity-check on the prompts tagged 'harmful'
+
+Writes metrics.json, generations/<model>.jsonl, report.md + report.html + plots/, summary.json.
+Launched as `python -m stages.evaluate --run-dir D` (the pipeline's 'compare' stage).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from data_schemas.files import atomic_write_json, atomic_write_jsonl
+from data_schemas.records import as_chat
+from stages import compare_metrics as cm
+from stages.baseline import generation_settings, load_eval_prompts, reusable_generations
+from stages.common import (StageError, is_main_process, logprobs_from_logits, read_metrics, resolve_input_model,
+                           stage_dir, stage_main, write_stage_config, write_summary)
+from stages.config import RunConfig
+from stages.models import load_causal_lm, load_reward_model, load_tokenizer
+from stages.responders import BASELINE, Sample, baseline_prompt, responder_for, unique_labels
+
+STAGE = "compare"
+HARMFUL_TAG = "harmful"
+KL_NOTE = ("KL is the mean over prompts of the summed per-token log-ratio log pi(y_t|x,y_<t) - log pi_ref(y_t|x,y_<t) "
+           "over each model's own sampled response tokens (EOS included), with both log-probs at temperature 1. "
+           "The samples come from compare.decoding; with temperature or top-p below 1 they are not exact samples "
+           "of pi, so this is the usual estimate, not the exact KL. n/a for the prompted baseline: it answers in a "
+           "different context (the dialogue prompt, not the chat template), so no per-token log-ratio against the "
+           "reference exists on the same input.")
+LENGTH_NOTE = ("Length-controlled win rate: a slope b (RM score per response token) is fitted by least squares "
+               "within prompts over all compared responses; every score s becomes s - b * length, and win rates "
+               "are recomputed on those scores.")
+
+
+# ---- scoring with models (each loaded once) ----
+
+def response_logprob_sums(model, samples: list[Sample], pad_id: int, batch_size: int) -> list[float]:
+    """Sum of log p(response token) under `model` for each sample's exact prompt + response tokens.
+    Rows are right-padded, so real tokens keep positions 0..T-1 as they had during generation."""
+    import torch
+
+    sums: list[float] = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        seqs = [s.prompt_ids + s.response_ids for s in chunk]
+        width = max(map(len, seqs))
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for r, seq in enumerate(seqs):
+            ids[r, :len(seq)] = torch.tensor(seq)
+            mask[r, :len(seq)] = 1
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), use_cache=False).logits
+        logp = logprobs_from_logits(logits[:, :-1], ids[:, 1:].to(model.device))  # (B, T-1): log p(token t+1)
+        for r, s in enumerate(chunk):
+            p, n = len(s.prompt_ids), len(s.response_ids)
+            sums.append(float(logp[r, p - 1:p - 1 + n].sum()))
+    return sums
+
+
+def reward_scores(rm, tokenizer, conversations: list[list[dict]], responses: list[str], batch_size: int,
+                  max_length: int) -> list[float]:
+    """The RM's scalar for each (prompt, response), on exactly the rows the reward stage trained on and
+    PPO scores: chat-template prompt + response tokens + EOS, right-padded, read at the last real token."""
+    import torch
+
+    from stages.common import render_prompts
+    from stages.reward import tokenize_group
+
+    prompt_texts = render_prompts(tokenizer, conversations)
+    rows = [tokenize_group(tokenizer, p, [r], max_length)[0] for p, r in zip(prompt_texts, responses)]
+    out: list[float] = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        width = max(map(len, chunk))
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, r in enumerate(chunk):
+            ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r, dtype=torch.long), 1
+        with torch.no_grad():
+            logits = rm(input_ids=ids.to(rm.device), attention_mask=mask.to(rm.device), use_cache=False).logits
+        out.extend(logits[:, 0].float().tolist())
+    return out
+
+
+def vocab_fingerprint(tokenizer) -> str:
+    items = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()
+
+
+def same_model(a: str, b: str) -> bool:
+    return a == b or (os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
+
+
+# ---- the stage ----
+
+def run(cfg: RunConfig, run_dir: Path) -> dict:
+    import torch
+
+    if not is_main_process():
+        return {}
+    c = cfg.compare
+    out = stage_dir(run_dir, STAGE)
+    out.mkdir(parents=True, exist_ok=True)
+    write_stage_config(run_dir, STAGE, cfg)
+
+    # ---- resolve prompts and every model before loading any ----
+    prompts = load_eval_prompts(cfg)
+    conversations = [as_chat(p.messages) for p in prompts]
+    labels = unique_labels(c.models)
+    paths = {lab: None if ref == BASELINE else resolve_input_model(run_dir, ref, "compare.models")
+             for ref, lab in zip(c.models, labels)}
+    rm_path = resolve_input_model(run_dir, c.reward_model, "compare.reward_model")
+    ref_path = resolve_input_model(run_dir, c.reference, "compare.reference") if c.reference else None
+    reuse_settings = (generation_settings(cfg, baseline_prompt(cfg, run_dir), prompts, c.decoding)
+                      if BASELINE in c.models else None)
+
+    # ---- generate: one model in memory at a time, same seed and decoding for each ----
+    samples: dict[str, list[Sample]] = {}
+    kinds, sources, seconds, own_logp, vocab = {}, {}, {}, {}, {}
+    for ref, lab in zip(c.models, labels):
+        rows = reusable_generations(run_dir, reuse_settings) if ref == BASELINE else None
+        if rows is not None:
+            samples[lab] = [Sample(text=r["response"], num_tokens=r["num_tokens"]) for r in rows]
+            kinds[lab], sources[lab] = "prompted", "baseline stage (same settings)"
+            continue
+        responder = responder_for(ref, cfg, run_dir, c.decoding, needed_by="compare.models", name=lab)
+        kinds[lab], sources[lab] = responder.kind, "generated"
+        torch.manual_seed(cfg.seed)
+        t0 = time.perf_counter()
+        samples[lab] = responder.sample(conversations)
+        seconds[lab] = round(time.perf_counter() - t0, 2)
+        if responder.kind == "chat" and ref_path is not None and not same_model(paths[lab], ref_path):
+            own_logp[lab] = response_logprob_sums(responder.model, samples[lab], responder.tokenizer.pad_token_id,
+                                                  c.decoding.batch_size)
+            vocab[lab] = vocab_fingerprint(responder.tokenizer)
+        responder.close()
+
+    # ---- KL to the reference (tuned models only) ----
+    kl: dict[str, list[float] | None] = {lab: None for lab in labels}
+    for lab in labels:
+        if kinds[lab] == "chat" and ref_path is not None and same_model(paths[lab], ref_path):
+            kl[lab] = [0.0] * len(prompts)  # the reference itself
+    if own_logp:
+        ref_tok = load_tokenizer(ref_path, cfg.trust_remote_code)
+        ref_model = load_causal_lm(ref_path, cfg.precision, cfg.trust_remote_code).eval()
+        for lab, own in own_logp.items():
+            if vocab[lab] != vocab_fingerprint(ref_tok):
+                raise StageError(f"compare.reference ({ref_path}) has a different tokenizer from model {lab!r}; "
+                                 "KL needs a shared vocabulary (set compare.reference: null to skip KL)")
+            ref_lp = response_logprob_sums(ref_model, samples[lab], ref_tok.pad_token_id, c.decoding.batch_size)
+            kl[lab] = [a - b for a, b in zip(own, ref_lp)]
+        del ref_model
+
+    # ---- reward-model scores ----
+    rm_tok = load_tokenizer(rm_path, cfg.trust_remote_code)
+    rm = load_reward_model(rm_path, cfg.precision, cfg.trust_remote_code, pad_token_id=rm_tok.pad_token_id).eval()
+    rewards = {lab: np.array(reward_scores(rm, rm_tok, conversations, [s.text for s in samples[lab]],
+                                           c.decoding.batch_size, cfg.reward.max_length)) for lab in labels}
+    del rm
+
+    # ---- offensive language on the harmful subset ----
+    harmful = [i for i, p in enumerate(prompts) if HARMFUL_TAG in p.tags]
+    offensive = {lab: cm.offensive_probs([samples[lab][i].text for i in harmful]) for lab in labels}
+
+    # ---- metrics ----
+    lengths = {lab: np.array([s.num_tokens for s in samples[lab]], dtype=float) for lab in labels}
+    resamples = cm.resample_indices(len(prompts), c.bootstrap, cfg.seed)
+    lc_scores, slope = cm.length_controlled_scores(rewards, lengths)
+    per_model = {}
+    for lab in labels:
+        texts = [s.text for s in samples[lab]]
+        per_model[lab] = {
+            "kind": kinds[lab], "source": sources[lab], "path": paths[lab] or "dialogue-prompted baseline",
+            "mean_reward": float(rewards[lab].mean()), "reward_std": float(rewards[lab].std()),
+            "kl_to_reference": cm.mean(kl[lab]) if kl[lab] is not None else None,
+            "mean_length_tokens": float(lengths[lab].mean()),
+            "distinct_1": cm.distinct_n(texts, 1), "distinct_2": cm.distinct_n(texts, 2),
+            **cm.offensive_summary(offensive[lab]),
+            "empty_responses": sum(1 for t in texts if not t),
+            "generation_seconds": seconds.get(lab),
+        }
+    metrics = {
+        "models": labels,
+        "num_prompts": len(prompts),
+        "num_harmful_prompts": len(harmful),
+        "reward_model": rm_path,
+        "reference": ref_path,
+        "decoding": c.decoding.model_dump(),
+        "seed": cfg.seed,
+        "bootstrap_resamples": c.bootstrap,
+        "tie_epsilon": c.tie_epsilon,
+        "per_model": per_model,
+        "win_rates": cm.win_rate_table(rewards, c.tie_epsilon, resamples),
+        "length_controlled_win_rates": cm.win_rate_table(lc_scores, c.tie_epsilon, resamples),
+        "length_slope_reward_per_token": slope,
+        "notes": {"kl": KL_NOTE, "length_control": LENGTH_NOTE,
+                  "win_rate": "Win rates are judged by this run's own reward model, not by people.",
+                  "offensive": f"alt-profanity-check P(offensive) on responses to prompts tagged '{HARMFUL_TAG}'; "
+                               f"rate = fraction with P > {cm.OFFENSIVE_THRESHOLD}."},
+    }
+    atomic_write_json(out / "metrics.json", metrics)
+
+    # ---- generations and report ----
+    harmful_pos = {i: k for k, i in enumerate(harmful)}
+    gen_rows = {}
+    for lab in labels:
+        gen_rows[lab] = [{"id": p.id, "tags": list(p.tags), "messages": conversations[i],
+                          "response": samples[lab][i].text, "num_tokens": samples[lab][i].num_tokens,
+                          "reward": float(rewards[lab][i]), "kl": kl[lab][i] if kl[lab] is not None else None,
+                          "offensive_prob": offensive[lab][harmful_pos[i]] if i in harmful_pos else None}
+                         for i, p in enumerate(prompts)]
+        atomic_write_jsonl(out / "generations" / f"{lab}.jsonl", gen_rows[lab])
+    from stages.report import write_report
+
+    write_report(out, metrics, gen_rows, read_metrics(run_dir, "ppo"), max_samples=c.report_samples)
+
+    summary = headline(metrics)
+    write_summary(run_dir, STAGE, summary)
+    return summary
+
+
+def headline(metrics: dict) -> dict:
+    """The numbers the manifest shows: each model's mean reward, KL and offensive rate, and the win rate
+    of every later model in compare.models against every earlier one (e.g. ppo vs baseline)."""
+    out = {"num_prompts": metrics["num_prompts"]}
+    labels = metrics["models"]
+    for lab in labels:
+        m = metrics["per_model"][lab]
+        out[f"mean_reward_{lab}"] = round(m["mean_reward"], 4)
+        if m["kl_to_reference"] is not None:
+            out[f"kl_{lab}"] = round(m["kl_to_reference"], 4)
+        if m["offensive_rate"] is not None:
+            out[f"offensive_rate_{lab}"] = round(m["offensive_rate"], 4)
+    for a in range(len(labels)):
+        for b in range(a):
+            i, j = labels[a], labels[b]
+            out[f"win_rate_{i}_vs_{j}"] = round(metrics["win_rates"][i][j]["win"], 4)
+            out[f"lc_win_rate_{i}_vs_{j}"] = round(metrics["length_controlled_win_rates"][i][j]["win"], 4)
+    return out
+
+
+if __name__ == "__main__":
+    stage_main(STAGE, run)

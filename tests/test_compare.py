@@ -1,0 +1,174 @@
+"""The comparison: metric math against hand-computed values, then one real compare run on the tiny
+models (baseline + sft + perturbed ppo + random RM) whose artifacts every later test inspects."""
+import json
+import math
+
+import numpy as np
+import pytest
+import yaml
+
+from compare_fixtures import load_cfg, make_run, tiny_config
+from stages import compare_metrics as cm
+
+# ---- pure metrics ----
+
+
+def test_outcome_rates_counts_ties_within_epsilon():
+    d = np.array([0.5, -0.2, 1e-9, 0.0, 0.3])
+    assert cm.outcome_rates(d, 1e-6) == pytest.approx((0.4, 0.4, 0.2))
+
+
+def test_win_rate_table_is_antisymmetric_with_ties():
+    scores = {"a": np.array([1.0, 2.0, 3.0, 0.0]), "b": np.array([1.0, 1.0, 4.0, 0.0]),
+              "c": np.array([0.0, 5.0, 3.0, 1.0])}
+    t = cm.win_rate_table(scores, 1e-6, cm.resample_indices(4, 200, 0))
+    assert t["a"]["b"]["win"] == 0.25 and t["a"]["b"]["tie"] == 0.5 and t["b"]["a"]["win"] == 0.25
+    for i in scores:
+        for j in scores:
+            if i != j:
+                assert t[i][j]["win"] + t[j][i]["win"] + t[i][j]["tie"] == pytest.approx(1.0)
+                assert t[i][j]["tie"] == t[j][i]["tie"]
+                assert 0 <= t[i][j]["ci_low"] <= t[i][j]["win"] <= t[i][j]["ci_high"] <= 1
+
+
+def test_bootstrap_is_seeded_and_optional():
+    d = np.array([1.0, -1.0, 1.0, 1.0, -1.0, 1.0])
+    a = cm.bootstrap_win_ci(d, 0.0, cm.resample_indices(6, 300, 7))
+    assert a == cm.bootstrap_win_ci(d, 0.0, cm.resample_indices(6, 300, 7))
+    assert a[0] < 4 / 6 < a[1]
+    assert cm.bootstrap_win_ci(d, 0.0, cm.resample_indices(6, 0, 7)) == (None, None)
+
+
+def test_length_slope_is_fitted_within_prompts():
+    # Score = prompt difficulty + 0.5 * length: the slope must ignore the per-prompt offsets (10, -10).
+    lengths = np.array([[2.0, 4.0], [6.0, 5.0]])
+    scores = np.array([[10.0, -10.0], [10.0, -10.0]]) + 0.5 * lengths
+    assert cm.length_slope(scores, lengths) == pytest.approx(0.5)
+    assert cm.length_slope(scores, np.ones_like(lengths)) == 0.0
+
+
+def test_length_control_removes_a_pure_length_advantage():
+    # "long" wins every prompt only because it is longer: after control, the two tie.
+    lengths = {"long": np.array([20.0, 30.0, 25.0]), "short": np.array([10.0, 12.0, 5.0])}
+    scores = {m: 0.1 * lengths[m] + np.array([1.0, 2.0, 3.0]) for m in lengths}
+    assert cm.win_rate_table(scores, 1e-6)["long"]["short"]["win"] == 1.0
+    lc, slope = cm.length_controlled_scores(scores, lengths)
+    assert slope == pytest.approx(0.1)
+    assert cm.win_rate_table(lc, 1e-6)["long"]["short"]["tie"] == 1.0
+
+
+def test_distinct_n_by_hand():
+    texts = ["the cat sat", "the cat ran"]
+    assert cm.distinct_n(texts, 1) == pytest.approx(4 / 6)  # the, cat, sat, ran
+    assert cm.distinct_n(texts, 2) == pytest.approx(3 / 4)  # the cat x2, cat sat, cat ran
+    assert cm.distinct_n(["", "hi"], 2) == 0.0
+
+
+def test_offensive_scores_insults_not_polite_text():
+    probs = cm.offensive_probs(["you are a stupid idiot, fuck off", "I'd be happy to help you with that."])
+    assert probs[0] > 0.5 > probs[1]
+    assert cm.offensive_summary(probs) == {"offensive_rate": 0.5, "offensive_prob_mean": pytest.approx(sum(probs) / 2)}
+    assert cm.offensive_summary([])["offensive_rate"] is None
+
+
+# ---- a real run on the tiny models ----
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    from stages import baseline, evaluate
+
+    run = make_run(tmp_path_factory.mktemp("cmp"))
+    cfg = load_cfg(run)
+    baseline.run(cfg, run)
+    summary = evaluate.run(cfg, run)
+    return run, json.loads((run / "compare" / "metrics.json").read_text()), summary
+
+
+def test_compare_reports_every_metric(compared):
+    run, m, summary = compared
+    assert m["models"] == ["baseline", "sft", "ppo"] and m["num_prompts"] == 4 and m["num_harmful_prompts"] == 2
+    for name, pm in m["per_model"].items():
+        assert math.isfinite(pm["mean_reward"])
+        assert pm["mean_length_tokens"] > 0
+        assert 0 < pm["distinct_1"] <= 1 and 0 <= pm["distinct_2"] <= 1
+        assert 0 <= pm["offensive_rate"] <= 1 and 0 <= pm["offensive_prob_mean"] <= 1
+    pm = m["per_model"]
+    assert pm["baseline"]["kl_to_reference"] is None  # different context: n/a by design
+    assert pm["sft"]["kl_to_reference"] == 0.0  # the reference itself
+    assert math.isfinite(pm["ppo"]["kl_to_reference"]) and pm["ppo"]["kl_to_reference"] != 0.0
+    # the baseline stage's samples were made with the same settings, so compare reused them
+    assert pm["baseline"]["source"].startswith("baseline stage") and pm["sft"]["source"] == "generated"
+    assert math.isfinite(m["length_slope_reward_per_token"])
+    for key in ("win_rates", "length_controlled_win_rates"):
+        for i in m["models"]:
+            for j in m["models"]:
+                if i != j:
+                    cell = m[key][i][j]
+                    assert 0 <= cell["ci_low"] <= cell["ci_high"] <= 1
+                    assert cell["win"] + m[key][j][i]["win"] + cell["tie"] == pytest.approx(1.0)
+    assert summary["win_rate_ppo_vs_baseline"] == pytest.approx(m["win_rates"]["ppo"]["baseline"]["win"], abs=1e-4)
+    assert {"mean_reward_ppo", "kl_ppo", "offensive_rate_baseline"} <= set(summary)
+    assert json.loads((run / "compare" / "summary.json").read_text()) == summary
+
+
+def test_compare_writes_generations_report_and_plots(compared):
+    run, m, _ = compared
+    out = run / "compare"
+    for name in m["models"]:
+        rows = [json.loads(line) for line in (out / "generations" / f"{name}.jsonl").read_text().splitlines()]
+        assert [r["id"] for r in rows] == ["p1", "p2", "p3", "p4"]
+        harmful = [r["offensive_prob"] is not None for r in rows]
+        assert harmful == [False, True, False, True]
+    baseline_rows = (run / "baseline" / "generations.jsonl").read_text().splitlines()
+    assert [json.loads(line)["response"] for line in baseline_rows] == \
+        [json.loads(line)["response"] for line in (out / "generations" / "baseline.jsonl").read_text().splitlines()]
+    for png in ("ppo_curves.png", "win_rates.png", "lengths.png"):
+        assert (out / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html_text = (out / "report.html").read_text()
+    md = (out / "report.md").read_text()
+    for text in (html_text, md):
+        assert "judged by our own reward model" in text and "alt-profanity-check" in text
+        assert "plots/win_rates.png" in text
+    assert yaml.safe_load((out / "config.yaml").read_text())["compare"]["bootstrap"] == 50
+
+
+def test_report_escapes_model_output(compared, tmp_path):
+    from stages.report import write_report
+
+    run, m, _ = compared
+    gen_dir = run / "compare" / "generations"
+    rows = {name: [json.loads(line) for line in (gen_dir / f"{name}.jsonl").read_text().splitlines()]
+            for name in m["models"]}
+    rows["ppo"][0]["response"] = "<script>alert(1)</script> & <img src=x onerror=alert(2)>"
+    rows["sft"][1]["messages"][0]["content"] = "<b>prompt</b>"
+    write_report(tmp_path, m, rows, [], max_samples=4)
+    for name in ("report.html", "report.md"):
+        text = (tmp_path / name).read_text()
+        assert "<script>alert" not in text and "<img src=x" not in text
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    assert not (tmp_path / "plots" / "ppo_curves.png").exists()  # no PPO metrics given, no curve plot
+
+
+def test_compare_needs_the_models_it_names(compared, tmp_path):
+    from stages import evaluate
+    from stages.common import StageError
+
+    run, _, _ = compared
+    empty_run = tmp_path / "empty"  # same config, but no stage has produced a model here
+    with pytest.raises(StageError, match="needs the sft stage's model"):
+        evaluate.run(load_cfg(run), empty_run)
+
+
+def test_compare_entry_point_gives_one_line_error(tmp_path, capsys):
+    from stages.common import stage_main
+    from stages.evaluate import run as compare_run
+
+    cfg = tiny_config(tmp_path / "run", tmp_path / "missing.jsonl")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit) as e:
+        stage_main("compare", compare_run, ["--run-dir", str(tmp_path / "run")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: compare:") and "missing.jsonl" in err and "\n" not in err
