@@ -4,8 +4,9 @@ model, same rows, same batch, measured in the same process.
     python bench/sft_step_vs_trl.py [--model smollm2-135m-instruct] [--steps 6] [--batch 8]
 
 Rows are synthetic chats of about 61 tokens (system + user + assistant). Both sides train with
-assistant-only loss, fp32, AdamW. Prints the median s/step (the first step is a warm-up and is
-excluded) and the ratio; the lean loop is measured padded and padding-free.
+assistant-only loss, fp32, AdamW. Prints the median and mean s/step (the first step is a warm-up
+and is excluded) and the ratios. TRL runs with its default gradient checkpointing ("trl") and
+without ("trl_no_gc"); the lean loop padded and padding-free, spike guard on unless --no-guard.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def synthetic_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def time_trl(model_name: str, rows: list[dict], steps: int, batch: int) -> list[float]:
+def time_trl(model_name: str, rows: list[dict], steps: int, batch: int, grad_ckpt: bool = True) -> list[float]:
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -62,6 +63,7 @@ def time_trl(model_name: str, rows: list[dict], steps: int, batch: int) -> list[
         args = SFTConfig(output_dir=out, per_device_train_batch_size=batch, max_steps=steps, learning_rate=2e-5,
                          assistant_only_loss=True, logging_steps=1, report_to=[], save_strategy="no",
                          use_cpu=not torch.cuda.is_available(), bf16=False, fp16=False,
+                         gradient_checkpointing=grad_ckpt,  # TRL's default is True; our loop does not checkpoint
                          dataloader_num_workers=0, max_length=256, seed=0)
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
                              callbacks=[Clock()])
@@ -92,7 +94,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--no-guard", action="store_true", help="lean loop without the spike guard's snapshots")
-    ap.add_argument("--only", choices=("trl", "lean_padded", "lean_padding_free"), action="append",
+    ap.add_argument("--only", choices=("trl", "trl_no_gc", "lean_padded", "lean_padding_free"), action="append",
                     help="run only these variants (repeatable)")
     args = ap.parse_args()
     import torch
@@ -109,6 +111,7 @@ def main() -> None:
 
     results = {}
     for name, fn in (("trl", lambda: time_trl(args.model, rows, args.steps, args.batch)),
+                     ("trl_no_gc", lambda: time_trl(args.model, rows, args.steps, args.batch, grad_ckpt=False)),
                      ("lean_padded", lambda: time_lean(args.model, rows, args.steps, args.batch, False, not args.no_guard)),
                      ("lean_padding_free", lambda: time_lean(args.model, rows, args.steps, args.batch, True, not args.no_guard))):
         if args.only and name not in args.only:
@@ -117,9 +120,10 @@ def main() -> None:
         results[name] = statistics.median(t[1:]) if len(t) > 1 else t[0]
         mean = statistics.mean(t[1:]) if len(t) > 1 else t[0]
         print(f"{name:>18}: median {results[name]:.3f} s/step, mean {mean:.3f} (all: {', '.join(f'{x:.2f}' for x in t)})", flush=True)
-    for name in ("lean_padded", "lean_padding_free"):
-        if "trl" in results and name in results:
-            print(f"speed-up {name} vs TRL: {results['trl'] / results[name]:.2f}x")
+    for peer in ("trl", "trl_no_gc"):
+        for name in ("lean_padded", "lean_padding_free"):
+            if peer in results and name in results:
+                print(f"speed-up {name} vs {peer}: {results[peer] / results[name]:.2f}x")
 
 
 if __name__ == "__main__":

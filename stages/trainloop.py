@@ -212,8 +212,11 @@ def fit(*, accelerator, model, cfg: RunConfig, stage: str, run_dir: Path, n_trai
 
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr)
+    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    try:  # the fused kernel is several times faster than the default foreach one, on CPU too
+        optimizer = torch.optim.AdamW(groups, lr=tc.lr, fused=True)
+    except (RuntimeError, ValueError):  # a device without a fused AdamW
+        optimizer = torch.optim.AdamW(groups, lr=tc.lr)
     sched_name = "constant_with_warmup" if tc.lr_scheduler == "constant" else tc.lr_scheduler
     scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=round(tc.warmup_ratio * steps),
                               num_training_steps=steps)
