@@ -20,6 +20,7 @@ import time
 from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -28,11 +29,13 @@ import torch
 from data_schemas.files import atomic_replace_dir, atomic_write_json, atomic_write_jsonl, staging_dir
 from stages.common import StageError, read_metrics, stage_dir
 from stages.config import LoRAConfig, RunConfig, TrainLoop
+from stages.guard import SpikeGuard
 
 CKPT_PREFIX = "step-"
 KEEP_CHECKPOINTS = 2
 # Fields that may change between a run and its resume without invalidating the checkpoints.
 RESUMABLE_CHANGES = ("max_steps", "epochs", "save_steps", "logging_steps", "eval_steps")
+MAX_FP16_SKIPS = 20  # consecutive fp16 overflow skips tolerated before the spike guard judges them
 
 
 class LossOut(NamedTuple):
@@ -100,19 +103,16 @@ def total_steps(tc: TrainLoop, n_train: int, world: int) -> int:
     return max(1, math.ceil(tc.epochs * n_train / per_step))
 
 
-def micro_batch_indices(n: int, seed: int, cursor: int, batch_size: int, world: int, rank: int,
-                        _perms: dict = {}) -> list[int]:  # noqa: B006 - a deliberate per-process cache
+@lru_cache(maxsize=4)
+def epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return tuple(torch.randperm(n, generator=g).tolist())
+
+
+def micro_batch_indices(n: int, seed: int, cursor: int, batch_size: int, world: int, rank: int) -> list[int]:
     """Item indices of global micro-batch `cursor` for this rank (see the module docstring)."""
     start = cursor * batch_size * world + rank * batch_size
-    out = []
-    for pos in range(start, start + batch_size):
-        epoch, off = divmod(pos, n)
-        key = (n, seed, epoch)
-        if key not in _perms:
-            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-            _perms[key] = torch.randperm(n, generator=g).tolist()
-        out.append(_perms[key][off])
-    return out
+    return [epoch_order(n, seed, pos // n)[pos % n] for pos in range(start, start + batch_size)]
 
 
 def config_fingerprint(cfg: RunConfig, stage: str) -> str:
@@ -202,8 +202,6 @@ def fit(*, accelerator, model, cfg: RunConfig, stage: str, run_dir: Path, n_trai
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    from stages.guard import SpikeGuard
-
     tc: TrainLoop = getattr(cfg, stage)
     world, rank = accelerator.num_processes, accelerator.process_index
     steps = total_steps(tc, n_train, world)
@@ -250,6 +248,7 @@ def fit(*, accelerator, model, cfg: RunConfig, stage: str, run_dir: Path, n_trai
             save_checkpoint(ckpt_root, step, state, raw, optimizer, scheduler)
         accelerator.wait_for_everyone()
 
+    fp16_skips = 0
     pbar = tqdm(total=steps, initial=step, desc=stage, disable=not accelerator.is_main_process, dynamic_ncols=True)
     t_start = time.perf_counter()
     while step < steps:
@@ -273,6 +272,14 @@ def fit(*, accelerator, model, cfg: RunConfig, stage: str, run_dir: Path, n_trai
             tokens += out.tokens
         grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip))
         loss_val = accelerator.reduce(loss_total, reduction="mean").item()
+        if accelerator.scaler is not None and not math.isfinite(grad_norm) and fp16_skips < MAX_FP16_SKIPS:
+            # fp16 loss scaling overflows now and then by design: the scaler skips the update and
+            # lowers its scale. That is not a spike unless it keeps happening.
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            fp16_skips += 1
+            continue
+        fp16_skips = 0
         if not guard.check(step + 1, loss=loss_val, grad_norm=grad_norm):
             optimizer.zero_grad(set_to_none=True)
             continue
