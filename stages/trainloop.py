@@ -225,7 +225,7 @@ def fit(*, accelerator, model, cfg: RunConfig, stage: str, run_dir: Path, n_trai
     step, cursor, recent, resumed_from = 0, 0, deque(maxlen=10), None
     ckpts = list_checkpoints(ckpt_root)
     if ckpts:
-        last_step, path = ckpts[-1]
+        path = ckpts[-1][1]
         state = json.loads((path / "trainer_state.json").read_text())
         if state.get("fingerprint") != fingerprint:
             raise StageError(f"the checkpoints in {ckpt_root} were made with a different {stage} config; "
@@ -282,6 +282,8 @@ def fit(*, accelerator, model, cfg: RunConfig, stage: str, run_dir: Path, n_trai
         fp16_skips = 0
         if not guard.check(step + 1, loss=loss_val, grad_norm=grad_norm):
             optimizer.zero_grad(set_to_none=True)
+            if accelerator.scaler is not None:  # close the scaler's unscale_ of this dropped step
+                accelerator.scaler.update()
             continue
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
