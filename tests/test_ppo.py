@@ -365,20 +365,22 @@ def test_ppo_raises_a_verifiable_reward(tmp_path, tiny_model_dir):
 
 @pytest.mark.slow
 def test_ppo_raises_a_verifiable_reward_smollm2(tmp_path):
-    """SmolLM2-135M-Instruct with a negative-length reward: responses get shorter within KL bounds."""
-    from stages.models import load_causal_lm, load_tokenizer, resolve_model
+    """SmolLM2-135M-Instruct (LoRA policy and value) with the negative-length reward: answers get
+    shorter (EOS earlier) within KL bounds. About 6 minutes on 2 busy CPU cores."""
+    from stages.models import resolve_model
 
     run_dir = tmp_path / "learn"
-    src = resolve_model("smollm2-135m-instruct")
-    load_causal_lm(src).save_pretrained(run_dir / "sft" / "model")
-    load_tokenizer(src).save_pretrained(run_dir / "sft" / "model")
+    (run_dir / "sft").mkdir(parents=True)
+    (run_dir / "sft" / "model").symlink_to(resolve_model("smollm2-135m-instruct"))
     cfg = RunConfig.model_validate({"name": "learn", "model": "smollm2-135m-instruct", "ppo": {
-        **TINY_PPO, "iterations": 12, "batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 2, "max_new_tokens": 24,
-        "lr": 1e-5, "reward_fn": "stages.rewards:negative_length", "value_init": "policy",
+        **TINY_PPO, "prompts": {"source": "default:prompts"}, "iterations": 10, "batch_size": 8,
+        "mini_batch_size": 4, "ppo_epochs": 1, "max_new_tokens": 32, "lr": 2e-4, "lora": {"enabled": True},
+        "value_lora": {"enabled": True}, "value_init": "policy", "reward_fn": "stages.rewards:negative_length",
         "missing_eos_penalty": None, "save_every": 100}})
     ppo.run(cfg, run_dir)
     rows = _rows(run_dir)
     curve = [round(r["score_raw_mean"], 3) for r in rows]
-    print("reward per iteration:", curve, "kl:", [round(r["kl"], 2) for r in rows])
-    assert sum(curve[-4:]) / 4 > sum(curve[:4]) / 4, curve
+    print("reward per iteration:", curve, "kl:", [round(r["kl"], 2) for r in rows],
+          "length:", [round(r["response_length"], 1) for r in rows], "s/iteration:", [round(r["iteration_s"], 1) for r in rows])
+    assert sum(curve[-3:]) / 3 > sum(curve[:3]) / 3, curve
     assert all(math.isfinite(r["kl"]) and r["kl"] < 10 for r in rows)
