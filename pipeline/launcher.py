@@ -15,7 +15,9 @@ STAGE_MODULES = {
 
 
 def accelerate_args(launch, stage: str | None = None) -> list[str]:
-    args: list[str] = []
+    # --quiet: a stage that fails with its one-line error exits non-zero without the launcher's
+    # CalledProcessError traceback (single-process and DeepSpeed launches; torchrun prints its own summary).
+    args: list[str] = ["--quiet"]
     if launch.accelerate_config:
         args += ["--config_file", launch.accelerate_config]
     if launch.cpu_ddp:

@@ -168,7 +168,8 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
                "eval_loss": results.get("eval_loss"), "reward_mean": stats["mean"], "reward_std": stats["std"],
                "train_loss": results["train_loss"], "steps": results["steps"], "resumed_from": results["resumed_from"],
                "train_groups": len(train), "eval_groups": len(evals), "init_from": init,
-               "wall_s": round(time.time() - t_start, 2)}
+               "wall_s": round(time.time() - t_start, 2), "world_size": results["world_size"],
+               "items_per_rank": results["items_per_rank"]}
     if accelerator.is_main_process:
         write_summary(run_dir, "reward", summary)
     logger.close()

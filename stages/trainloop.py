@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 from collections import deque
@@ -27,7 +28,8 @@ from typing import Callable, NamedTuple
 import torch
 
 from data_schemas.files import atomic_replace_dir, atomic_write_json, atomic_write_jsonl, staging_dir
-from stages.common import StageError, read_metrics, stage_dir
+from stages.common import StageError, read_metrics, reading_checkpoint, stage_dir
+from stages.common import list_checkpoints as common_list_checkpoints
 from stages.config import LoRAConfig, RunConfig, TrainLoop
 from stages.guard import SpikeGuard
 
@@ -64,8 +66,11 @@ def make_accelerator(cfg: RunConfig):
     from accelerate import Accelerator
 
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision]
+    # Several processes but no GPU (`accelerate launch --multi_gpu` on a CPU machine): accelerate only
+    # forms the gloo process group in its CPU mode; without it every rank would train alone as world 1.
+    cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     try:
-        return Accelerator(mixed_precision=mixed)
+        return Accelerator(mixed_precision=mixed, cpu=cpu_ddp)
     except ValueError as e:
         raise StageError(f"precision {cfg.precision!r} is not usable here: {str(e).splitlines()[0]}") from None
 
@@ -127,16 +132,7 @@ def config_fingerprint(cfg: RunConfig, stage: str) -> str:
 # ---- checkpoints (resume) ----
 
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    if not root.is_dir():
-        return []
-    out = []
-    for p in root.iterdir():
-        if p.name.startswith(CKPT_PREFIX) and (p / "trainer_state.json").exists():
-            try:
-                out.append((int(p.name[len(CKPT_PREFIX):]), p))
-            except ValueError:
-                continue
-    return sorted(out)
+    return common_list_checkpoints(root, CKPT_PREFIX, "trainer_state.json")
 
 
 def save_checkpoint(root: Path, step: int, state: dict, model, optimizer, scheduler) -> Path:
@@ -226,11 +222,13 @@ def fit(*, accelerator, model, cfg: RunConfig, stage: str, run_dir: Path, n_trai
     ckpts = list_checkpoints(ckpt_root)
     if ckpts:
         path = ckpts[-1][1]
-        state = json.loads((path / "trainer_state.json").read_text())
+        with reading_checkpoint(path):
+            state = json.loads((path / "trainer_state.json").read_text())
         if state.get("fingerprint") != fingerprint:
             raise StageError(f"the checkpoints in {ckpt_root} were made with a different {stage} config; "
                              f"delete that folder to start over, or restore the config to resume")
-        state = load_checkpoint(path, raw, optimizer, scheduler)
+        with reading_checkpoint(path):
+            state = load_checkpoint(path, raw, optimizer, scheduler)
         step, cursor, resumed_from = state["step"], state["cursor"], state["step"]
         recent.extend(state.get("recent_losses", []))
         if accelerator.is_main_process:
@@ -249,6 +247,7 @@ def fit(*, accelerator, model, cfg: RunConfig, stage: str, run_dir: Path, n_trai
         accelerator.wait_for_everyone()
 
     fp16_skips = 0
+    rank_items = 0  # training items this rank ran forward/backward on in this launch (for the summary)
     pbar = tqdm(total=steps, initial=step, desc=stage, disable=not accelerator.is_main_process, dynamic_ncols=True)
     t_start = time.perf_counter()
     while step < steps:
@@ -256,9 +255,11 @@ def fit(*, accelerator, model, cfg: RunConfig, stage: str, run_dir: Path, n_trai
             cursor += tc.grad_accum
             continue
         t0 = time.perf_counter()
-        batches = [make_batch(micro_batch_indices(n_train, cfg.seed, cursor + i, tc.batch_size, world, rank))
-                   for i in range(tc.grad_accum)]
+        batches_idx = [micro_batch_indices(n_train, cfg.seed, cursor + i, tc.batch_size, world, rank)
+                       for i in range(tc.grad_accum)]
+        batches = [make_batch(idx) for idx in batches_idx]
         cursor += tc.grad_accum
+        rank_items += sum(len(b) for b in batches_idx)
         units = max(1, sum(b.count for b in batches))
         model.train()
         loss_total, tokens = torch.zeros((), device=accelerator.device), 0
@@ -309,8 +310,11 @@ def fit(*, accelerator, model, cfg: RunConfig, stage: str, run_dir: Path, n_trai
     eval_metrics = {f"eval_{k}": v for k, v in evaluate(model).items()}
     if eval_metrics:
         logger.log(step, **eval_metrics)
+    # How the work was split: every rank reports the items it trained on, so a DDP run shows all ranks at work.
+    per_rank = accelerator.gather(torch.tensor([rank_items], device=accelerator.device)).tolist()
     results = {"train_loss": sum(recent) / len(recent) if recent else None, "steps": step,
-               "resumed_from": resumed_from, "train_wall_s": round(wall, 2), **eval_metrics}
+               "resumed_from": resumed_from, "train_wall_s": round(wall, 2), **eval_metrics,
+               "world_size": world, "items_per_rank": per_rank}
     return model, results
 
 
