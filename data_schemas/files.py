@@ -4,6 +4,7 @@ A reader (or a killed run) therefore sees either the old file or the new one, ne
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -12,9 +13,16 @@ from pathlib import Path
 from typing import Any, Iterable
 
 
+def ensure_dir(folder: Path) -> None:
+    """mkdir -p, with a plain "Not a directory" (not "File exists") when a file stands in the way."""
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
+    folder.mkdir(parents=True, exist_ok=True)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -42,7 +50,7 @@ def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
 def append_jsonl(path: str | os.PathLike, row: dict) -> None:
     """Append one record as a single write + fsync, so a kill leaves whole lines only."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(path.parent)
     line = (json.dumps(row, ensure_ascii=False, default=str) + "\n").encode("utf-8")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
@@ -68,7 +76,7 @@ def atomic_replace_dir(tmp_dir: str | os.PathLike, final_dir: str | os.PathLike)
 def staging_dir(final_dir: str | os.PathLike) -> Path:
     """A fresh sibling folder to write into before `atomic_replace_dir`."""
     final_dir = Path(final_dir)
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(final_dir.parent)
     tmp = final_dir.with_name(f".{final_dir.name}.partial")
     if tmp.exists():
         shutil.rmtree(tmp)

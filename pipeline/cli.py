@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from pipeline.config import ConfigError
@@ -95,7 +96,14 @@ def _dispatch(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may also follow options (`rlhf run CONFIG --stages sft ppo.kl_coef=0.1`), which
+    # argparse alone would reject once the positional list has been closed by an option.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     from data_schemas.errors import DataError
     from stages.common import StageError
     from stages.models import ModelError
@@ -105,6 +113,11 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, DataError, ModelError, StageError) as e:
         msg = str(e)
         print(msg if msg.startswith(("config error", "error")) else f"error: {msg}", file=sys.stderr)
+        code = 2
+    except OSError as e:  # the filesystem: a full disk, a read-only or missing folder
+        where = f" {e.filename}" if e.filename else ""
+        what = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        print(f"error: {what}:{where}" if where else f"error: {what}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -77,6 +77,16 @@ def _key_metrics(summary: dict) -> str:
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in items[:5])
 
 
+def check_writable(run_dir: Path) -> None:
+    """Fail in one line, before any model loads, when the run folder cannot be written."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / ".write-check", "ok\n")
+        (run_dir / ".write-check").unlink()
+    except OSError as e:
+        raise StageError(f"cannot write the run folder {run_dir}: {e.strerror or e}") from None
+
+
 def preflight(cfg, selected: list[str], launch) -> None:
     from pipeline.preflight import available_bytes, check_models, estimate_memory, validate_data
 
@@ -123,6 +133,8 @@ def run_pipeline(cfg, stages=None, from_stage=None, force=False, dry_run=False, 
             if u not in selected and (read_done(run_dir, u) or {}).get("config_hash") != hashes[u]:
                 raise StageError(f"{s} reads the {u} stage's output, which is missing or was made with another "
                                  f"config: run `rlhf {u} CONFIG` first, or include {u} in --stages/--from")
+    if not dry_run:
+        check_writable(run_dir)
     preflight(cfg, selected, cfg.launch)
     plan = []
     for s in selected:

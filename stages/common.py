@@ -3,10 +3,12 @@ and the `python -m stages.<name> --run-dir D` entry used by `accelerate launch`.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -41,6 +43,35 @@ def resolve_input_model(run_dir: str | os.PathLike, ref: str, needed_by: str) ->
             f"run `rlhf {ref}` first, or point {needed_by} at a model path"
         )
     return str(path)
+
+
+def list_checkpoints(root: Path, prefix: str, marker: str) -> list[tuple[int, Path]]:
+    """(number, folder) of the complete checkpoints `<prefix><n>/` under root, oldest first. A folder
+    counts once its marker file exists; staging folders start with "." and never match."""
+    if not root.is_dir():
+        return []
+    out = []
+    for d in root.iterdir():
+        if d.name.startswith(prefix) and (d / marker).exists():
+            try:
+                out.append((int(d.name[len(prefix):]), d))
+            except ValueError:
+                continue
+    return sorted(out)
+
+
+@contextmanager
+def reading_checkpoint(path: Path):
+    """Any failure to read a checkpoint (truncated safetensors, bad JSON, a missing file) becomes one
+    line that names it and says what to do."""
+    try:
+        yield
+    except StageError:
+        raise
+    except Exception as e:  # safetensors, torch.load and json each raise their own types
+        detail = (str(e).strip().splitlines() or [""])[0][:200]
+        raise StageError(f"checkpoint {path} is unreadable ({type(e).__name__}: {detail}); delete that folder "
+                         f"to resume from the one before it, or delete {path.parent} to start over") from None
 
 
 def write_stage_config(run_dir: str | os.PathLike, stage: str, cfg: RunConfig) -> None:
@@ -180,11 +211,9 @@ def stage_main(stage: str, run_fn, argv: list[str] | None = None) -> None:
     except (StageError, ModelError, DataError) as e:
         print(f"error: {stage}: {e}", file=sys.stderr)
         sys.exit(2)
-    except FileNotFoundError as e:
-        print(f"error: {stage}: {e.strerror}: {e.filename}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as e:
-        if e.errno == 28:
+    except OSError as e:  # the filesystem: a full disk, a read-only or vanished folder
+        if e.errno == errno.ENOSPC:
             print(f"error: {stage}: no space left on device while writing {e.filename or 'an artifact'}", file=sys.stderr)
-            sys.exit(2)
-        raise
+        else:
+            print(f"error: {stage}: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
+        sys.exit(2)

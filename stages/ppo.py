@@ -26,8 +26,8 @@ import torch
 
 from data_schemas.files import append_jsonl, atomic_write_jsonl
 from stages.common import (
-    StageError, MetricsLogger, generate, logprobs_from_logits, read_metrics, render_prompts, resolve_input_model,
-    stage_dir, stage_main, write_stage_config, write_summary,
+    StageError, MetricsLogger, generate, logprobs_from_logits, read_metrics, reading_checkpoint, render_prompts,
+    resolve_input_model, stage_dir, stage_main, write_stage_config, write_summary,
 )
 from stages.config import RunConfig
 from stages.ppo_math import (
@@ -229,11 +229,14 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     ckpts = list_checkpoints(ckpt_root)
     if ckpts:
         last, path = ckpts[-1]
-        if json.loads((path / "state.json").read_text()).get("fingerprint") != fingerprint:
+        with reading_checkpoint(path):
+            saved_fingerprint = json.loads((path / "state.json").read_text()).get("fingerprint")
+        if saved_fingerprint != fingerprint:
             raise StageError(f"the checkpoints in {ckpt_root} were made with a different ppo config; "
                              "delete that folder to start over, or restore the config to resume")
-        state = load_checkpoint(path, policy=models.policy, value=models.value,
-                                optimizers={"policy": policy_opt, "value": value_opt}, ema=ema, rank=rank)
+        with reading_checkpoint(path):
+            state = load_checkpoint(path, policy=models.policy, value=models.value,
+                                    optimizers={"policy": policy_opt, "value": value_opt}, ema=ema, rank=rank)
         kl_ctl.load_state_dict(state["kl_ctl"])
         start, opt_step, resumed_from = last, state["optimizer_step"], last
         if main:

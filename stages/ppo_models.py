@@ -20,6 +20,7 @@ import torch
 
 from data_schemas.files import atomic_replace_dir, atomic_write_json, staging_dir
 from stages.common import StageError, resolve_input_model
+from stages.common import list_checkpoints as common_list_checkpoints
 from stages.config import RunConfig
 from stages.models import load_causal_lm, load_reward_model
 from stages.trainloop import apply_lora
@@ -201,16 +202,7 @@ def config_fingerprint(cfg: RunConfig) -> str:
 
 
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    if not root.is_dir():
-        return []
-    out = []
-    for d in root.iterdir():  # staging folders start with "." and never match
-        if d.name.startswith(CKPT_PREFIX) and (d / "state.json").exists():
-            try:
-                out.append((int(d.name[len(CKPT_PREFIX):]), d))
-            except ValueError:
-                continue
-    return sorted(out)
+    return common_list_checkpoints(root, CKPT_PREFIX, "state.json")
 
 
 def rng_state() -> dict:

@@ -76,3 +76,13 @@ def test_cli_help_lists_stage_commands():
     assert proc.returncode == 0
     for cmd in ("run", "sft", "reward", "ppo", "baseline", "compare", "chat", "data", "models", "label"):
         assert f"    {cmd}" in proc.stdout, cmd
+
+
+def test_cli_overrides_may_follow_options():
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "configs/tiny.yaml", "--dry-run", "--stages", "sft",
+                           "ppo.kl_cof=0.05"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().endswith("unknown key 'ppo.kl_cof' (did you mean 'ppo.kl_coef'?)")
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "configs/tiny.yaml", "--dry-run", "--bogus"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unrecognized arguments: --bogus" in proc.stderr
