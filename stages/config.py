@@ -69,6 +69,16 @@ class RewardConfig(TrainLoop):
     init_from: str = Field("sft", description="'sft' (this run's SFT model) or any model path/name")
     lr: float = Field(1e-5, gt=0)
     use_margin: bool = Field(True, description="subtract a pair's margin inside the sigmoid")
+    padding_free: bool = Field(True, description="pack a batch's replies into one row with per-reply positions: "
+                               "no compute on padding (same rewards as padded batches)")
+    freeze_layers: int = Field(0, ge=0, description="freeze the embeddings and the lowest N transformer layers: "
+                               "backward stops above them (cheaper steps; the upper layers and the score head learn)")
+
+    @model_validator(mode="after")
+    def _freeze_or_lora(self):
+        if self.freeze_layers and self.lora.enabled:
+            raise ValueError("freeze_layers and lora.enabled are two ways to train part of the model; pick one")
+        return self
 
 
 class PPOConfig(Section):

@@ -6,8 +6,10 @@
 The model is a sequence classifier with one output, initialised from this run's SFT model by
 default (`reward.init_from: sft`). The reward of a reply is the score at its last token, the
 <|im_end|> that closes the reply: sequences are `prompt (chat template, generation header) +
-reply + EOS`, exactly what PPO scores after generating. Rows are right-padded and
-`config.pad_token_id` is set, so HF's classifier reads the last non-pad token.
+reply + EOS`, exactly what PPO scores after generating. By default a batch's replies are packed
+into one padding-free row and the score is read at each reply's last token; with
+`reward.padding_free: false` rows are right-padded and HF's classifier reads the last non-pad token
+(`config.pad_token_id` is set either way, so the exported model scores padded batches).
 
 Output: D/reward/model, a plain HF checkpoint (AutoModelForSequenceClassification + tokenizer,
 saved with padding_side="right") plus reward_stats.json, the eval-set reward mean/std that PPO
@@ -16,6 +18,7 @@ uses to normalise rewards.
 from __future__ import annotations
 
 import time
+from itertools import accumulate
 from pathlib import Path
 
 import torch
@@ -24,8 +27,8 @@ from stages.common import (MetricsLogger, StageError, render_prompts, resolve_in
                            write_stage_config, write_summary)
 from stages.config import RunConfig
 from stages.reward_loss import build_comparisons, grouped_bt_loss, pair_gaps, preference_metrics
-from stages.trainloop import (Batch, LossOut, apply_lora, chunks, eval_shard, export_lora, fit, make_accelerator,
-                              save_hf_model, split_items)
+from stages.trainloop import (Batch, LossOut, apply_lora, chunks, eval_shard, export_lora, fit, freeze_lower_layers,
+                              make_accelerator, save_hf_model, split_items)
 
 STATS_FILE = "reward_stats.json"
 
@@ -59,28 +62,62 @@ def preference_groups(tokenizer, records, max_length: int) -> tuple[list[tuple[l
     return groups, keys
 
 
-def collate_groups(groups, pad_id: int) -> Batch:
-    """Right-padded rows of all replies of the groups, back to back.
+def collate_groups(groups, pad_id: int, padding_free: bool = False) -> Batch:
+    """All replies of the groups, back to back, as one batch.
 
-    tensors: input_ids, attention_mask (R, T) with R = total replies; comps: the Comparisons
-    (indices into the R rewards). count = number of groups (the loss unit).
+    Padded: input_ids, attention_mask (R, T), right-padded, R = total replies.
+    Padding-free: input_ids, position_ids (1, N), every reply's tokens concatenated with positions
+    restarting at 0 (transformers then masks block-diagonally), and ends (R,), the index of each
+    reply's last token, where its reward is read. No compute goes to padding.
+    Both: comps, the Comparisons (indices into the R rewards); count = number of groups (the loss unit).
     """
     rows = [r for g, _ in groups for r in g]
+    comps = build_comparisons([len(g) for g, _ in groups], [m for _, m in groups])
+    if padding_free:
+        ends = torch.tensor(list(accumulate(len(r) for r in rows))) - 1
+        return Batch({"input_ids": torch.tensor([[t for r in rows for t in r]]),
+                      "position_ids": torch.tensor([[p for r in rows for p in range(len(r))]]),
+                      "ends": ends, "comps": comps}, count=len(groups))
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, :len(r)] = torch.tensor(r)
         mask[i, :len(r)] = 1
-    comps = build_comparisons([len(g) for g, _ in groups], [m for _, m in groups])
     return Batch({"input_ids": ids, "attention_mask": mask, "comps": comps}, count=len(groups))
+
+
+def batch_tokens(batch: Batch) -> int:
+    t = batch.tensors
+    return int(t["attention_mask"].sum()) if "attention_mask" in t else t["input_ids"].numel()
+
+
+def _score_head(model) -> torch.nn.Module:
+    """The classifier's `score` layer (through DDP, peft and accelerate wrappers)."""
+    inner = getattr(model, "module", model)
+    head = next((m for name, m in inner.named_modules() if name.rsplit(".", 1)[-1] == "score"), None)
+    if head is None:
+        raise StageError(f"{type(inner).__name__} has no `score` head for padding-free scoring; "
+                         "set reward.padding_free=false")
+    return head
 
 
 def score(model, batch: Batch) -> torch.Tensor:
     """(R,) scalar rewards of the batch's rows."""
     device = next(model.parameters()).device
-    out = model(input_ids=batch.tensors["input_ids"].to(device), attention_mask=batch.tensors["attention_mask"].to(device),
-                use_cache=False)
+    t = batch.tensors
+    if "position_ids" in t:
+        # The classifier pools one position per row; with the replies packed into one row, read the
+        # score head's per-token output instead, at each reply's last token. Calling the full model
+        # (not its parts) keeps DDP's gradient hooks in play.
+        per_token = []
+        hook = _score_head(model).register_forward_hook(lambda _m, _i, out: per_token.append(out))
+        try:
+            model(input_ids=t["input_ids"].to(device), position_ids=t["position_ids"].to(device), use_cache=False)
+        finally:
+            hook.remove()
+        return per_token[-1][0, t["ends"].to(device), 0].float()
+    out = model(input_ids=t["input_ids"].to(device), attention_mask=t["attention_mask"].to(device), use_cache=False)
     return out.logits[:, 0].float()
 
 
@@ -88,11 +125,12 @@ def make_loss_fn(use_margin: bool):
     def loss_fn(model, batch: Batch) -> LossOut:
         rewards = score(model, batch)
         loss = grouped_bt_loss(rewards, batch.tensors["comps"], use_margin=use_margin, reduction="sum")
-        return LossOut(loss, int(batch.tensors["attention_mask"].sum()))
+        return LossOut(loss, batch_tokens(batch))
     return loss_fn
 
 
-def evaluate_groups(model, groups, accelerator, batch_size: int, pad_id: int, use_margin: bool) -> dict:
+def evaluate_groups(model, groups, accelerator, batch_size: int, pad_id: int, use_margin: bool,
+                    padding_free: bool = False) -> dict:
     """Loss, accuracy, mean margin and reward mean/std over `groups` (sharded across ranks)."""
     from accelerate.utils import gather_object
 
@@ -100,7 +138,7 @@ def evaluate_groups(model, groups, accelerator, batch_size: int, pad_id: int, us
     rewards, gaps, loss_sum = [], [], 0.0
     with torch.no_grad():
         for part in chunks([groups[i] for i in eval_shard(list(range(len(groups))), accelerator)], batch_size):
-            b = collate_groups(part, pad_id)
+            b = collate_groups(part, pad_id, padding_free)
             r = score(model, b)
             loss_sum += grouped_bt_loss(r, b.tensors["comps"], use_margin=use_margin, reduction="sum").item()
             rewards.extend(r.tolist())
@@ -143,21 +181,25 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     model = load_reward_model(init, "fp32", cfg.trust_remote_code, pad_token_id=tokenizer.pad_token_id)
     if rc.lora.enabled:
         model = apply_lora(model, rc.lora, "SEQ_CLS")
+    freeze_lower_layers(model, rc.freeze_layers)
 
     def evaluate(m) -> dict:
         if not evals:
             return {}
-        return evaluate_groups(m, evals, accelerator, rc.batch_size, tokenizer.pad_token_id, rc.use_margin)
+        return evaluate_groups(m, evals, accelerator, rc.batch_size, tokenizer.pad_token_id, rc.use_margin,
+                               rc.padding_free)
 
     model, results = fit(accelerator=accelerator, model=model, cfg=cfg, stage="reward", run_dir=run_dir,
-                         n_train=len(train), make_batch=lambda idx: collate_groups([train[i] for i in idx], tokenizer.pad_token_id),
+                         n_train=len(train), make_batch=lambda idx: collate_groups([train[i] for i in idx], tokenizer.pad_token_id,
+                                                               rc.padding_free),
                          loss_fn=make_loss_fn(rc.use_margin), evaluate=evaluate, logger=logger)
 
     # ---- normalisation stats, export ----
     if evals:
         stats = {"mean": results["eval_reward_mean"], "std": results["eval_reward_std"], "split": "eval", "n": sum(len(g) for g, _ in evals)}
     else:  # no held-out split: the training set is the only sample of the reward distribution
-        m = evaluate_groups(model, train, accelerator, rc.batch_size, tokenizer.pad_token_id, rc.use_margin)
+        m = evaluate_groups(model, train, accelerator, rc.batch_size, tokenizer.pad_token_id, rc.use_margin,
+                            rc.padding_free)
         stats = {"mean": m["reward_mean"], "std": m["reward_std"], "split": "train", "n": sum(len(g) for g, _ in train)}
     if rc.lora.enabled:
         export_lora(accelerator, model, tokenizer, None, out_dir / "model", extra_files={STATS_FILE: stats})

@@ -84,6 +84,22 @@ def apply_lora(model, lora: LoRAConfig, task_type: str):
     return get_peft_model(model, cfg)
 
 
+def freeze_lower_layers(model, n: int) -> None:
+    """Stop gradients below the top: the input embeddings and the first n transformer blocks no
+    longer train, so backward (and its activation memory) ends above them."""
+    if n <= 0:
+        return
+    total = getattr(model.config, "num_hidden_layers", None)
+    blocks = next((m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == total), None)
+    if blocks is None:
+        raise StageError(f"freeze_layers: cannot find the transformer blocks of {type(model).__name__}")
+    if n >= len(blocks):
+        raise StageError(f"freeze_layers={n} but the model has {len(blocks)} layers; leave at least one to train")
+    model.get_input_embeddings().requires_grad_(False)
+    for block in blocks[:n]:
+        block.requires_grad_(False)
+
+
 def split_items(n: int, eval_fraction: float, seed: int, keys: list | None = None) -> tuple[list[int], list[int]]:
     """Seeded train/eval split of n items. With `keys`, items sharing a key (e.g. the same
     prompt) land on the same side, so the eval split never sees a training prompt."""

@@ -60,6 +60,39 @@ def test_kwise_group_batch_layout(tiny_model_dir):
     assert comps.margin.tolist() == [0.5] + [0.0] * 6
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_padding_free_rewards_and_loss_equal_padded(tiny_model_dir, lora):
+    from data_schemas.records import PreferencePair, Ranking
+    from stages.config import LoRAConfig
+    from stages.models import load_reward_model
+    from stages.reward import collate_groups, make_loss_fn, preference_groups, score
+    from stages.trainloop import apply_lora
+
+    tok = load_tokenizer(TINY_MODEL)
+    recs = [PreferencePair(prompt=[{"role": "user", "content": "Say hi."}], chosen="Hi there, nice to meet you!",
+                           rejected="no", margin=0.5),
+            Ranking(prompt=[{"role": "user", "content": "Rank these answers about the weather today."}],
+                    responses=["Sunny and warm.", "It may rain later this afternoon, bring an umbrella.", "?", "idk"])]
+    groups, _ = preference_groups(tok, recs, 64)
+    torch.manual_seed(0)
+    model = load_reward_model(TINY_MODEL, pad_token_id=tok.pad_token_id)
+    if lora:
+        model = apply_lora(model, LoRAConfig(enabled=True, r=4), "SEQ_CLS")
+    model.eval()
+    pf, pb = collate_groups(groups, tok.pad_token_id, True), collate_groups(groups, tok.pad_token_id, False)
+    assert pf.tensors["input_ids"].shape == (1, sum(len(r) for g, _ in groups for r in g))
+    assert pb.tensors["input_ids"].shape[0] == 6 and pf.tensors["ends"].tolist()[-1] == pf.tensors["input_ids"].shape[1] - 1
+    with torch.no_grad():
+        a, b = score(model, pf), score(model, pb)
+        la, lb = make_loss_fn(True)(model, pf), make_loss_fn(True)(model, pb)
+    assert a.shape == (6,) and a.tolist() == pytest.approx(b.tolist(), abs=1e-4)
+    assert la.loss_sum.item() == pytest.approx(lb.loss_sum.item(), rel=1e-4) and la.tokens == lb.tokens
+    # and the reward of a reply does not depend on what it was packed with
+    alone = collate_groups(groups[:1], tok.pad_token_id, True)
+    with torch.no_grad():
+        assert score(model, alone).tolist() == pytest.approx(a[:2].tolist(), abs=1e-4)
+
+
 def test_reward_run_artifacts_plain_hf_scoring_and_resume(tmp_path, tiny_model_dir):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -134,3 +167,28 @@ def test_rm_hh_benchmark(shared_data, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert 0.0 <= result["eval_accuracy"] <= 1.0 and result["train_pairs"] == 16 and result["eval_pairs"] == 8
+
+
+def test_freeze_layers_trains_only_the_top(tmp_path, tiny_model_dir):
+    from stages.reward import run
+
+    run(tiny_cfg(max_steps=2, freeze_layers=1), tmp_path)
+    init, after = load_reward_model(TINY_MODEL).state_dict(), _params(tmp_path / "reward" / "model")
+    changed = {n for n, t in after.items() if not torch.equal(t, init[n])}
+    assert changed and all(n.startswith(("model.layers.1.", "model.norm", "score")) for n in changed), changed
+    assert any(n.startswith("model.layers.1.") for n in changed) and "score.weight" in changed
+    # the checkpoint holds the trainable part only
+    ckpt = _params(tmp_path / "reward" / "checkpoints" / "step-2")
+    assert not any(n.startswith(("model.embed_tokens", "model.layers.0.")) for n in ckpt)
+
+
+def test_freeze_layers_bounds_and_lora_conflict(tmp_path, tiny_model_dir):
+    from pydantic import ValidationError
+
+    from stages.common import StageError
+    from stages.reward import run
+
+    with pytest.raises(StageError, match="freeze_layers=2 but the model has 2 layers"):
+        run(tiny_cfg(freeze_layers=2), tmp_path)
+    with pytest.raises(ValidationError, match="pick one"):
+        tiny_cfg(freeze_layers=1, lora={"enabled": True})
