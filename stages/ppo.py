@@ -413,7 +413,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     last = ([r for r in read_metrics(run_dir, "ppo") if "score_raw_mean" in r] or [{}])[-1]
     summary = {"reward_mean": last.get("score_raw_mean"), "score_mean": last.get("score_mean"),
                "kl": last.get("kl"), "kl_coef": kl_ctl.value, "iterations": p.iterations,
-               "resumed_from": resumed_from, "spike_events": len(guard.events),
+               "resumed_from": resumed_from, "spike_events": guard.events,
                "wall_s": round(time.time() - t_start, 2)}
     if main:
         write_summary(run_dir, "ppo", summary)

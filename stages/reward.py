@@ -211,7 +211,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
                "train_loss": results["train_loss"], "steps": results["steps"], "resumed_from": results["resumed_from"],
                "train_groups": len(train), "eval_groups": len(evals), "init_from": init,
                "wall_s": round(time.time() - t_start, 2), "world_size": results["world_size"],
-               "items_per_rank": results["items_per_rank"]}
+               "items_per_rank": results["items_per_rank"], "spike_events": results["spike_events"]}
     if accelerator.is_main_process:
         write_summary(run_dir, "reward", summary)
     logger.close()

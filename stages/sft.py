@@ -180,7 +180,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     summary = {"train_loss": results["train_loss"], "eval_loss": results.get("eval_loss"), "steps": results["steps"],
                "resumed_from": results["resumed_from"], "train_examples": len(train), "eval_examples": len(evals),
                "wall_s": round(time.time() - t_start, 2), "world_size": results["world_size"],
-               "items_per_rank": results["items_per_rank"]}
+               "items_per_rank": results["items_per_rank"], "spike_events": results["spike_events"]}
     if accelerator.is_main_process:
         write_summary(run_dir, "sft", summary)
     logger.close()

@@ -330,7 +330,7 @@ def fit(*, accelerator, model, cfg: RunConfig, stage: str, run_dir: Path, n_trai
     per_rank = accelerator.gather(torch.tensor([rank_items], device=accelerator.device)).tolist()
     results = {"train_loss": sum(recent) / len(recent) if recent else None, "steps": step,
                "resumed_from": resumed_from, "train_wall_s": round(wall, 2), **eval_metrics,
-               "world_size": world, "items_per_rank": per_rank}
+               "world_size": world, "items_per_rank": per_rank, "spike_events": guard.events}
     return model, results
 
 
