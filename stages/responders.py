@@ -18,7 +18,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stages.common import StageError, mask_after_eos, render_prompts, resolve_input_model, stage_dir
+from tqdm.auto import tqdm
+
+from stages.common import StageError, is_main_process, mask_after_eos, render_prompts, resolve_input_model, stage_dir
 from stages.config import Decoding, RunConfig
 from stages.models import load_causal_lm, load_tokenizer
 
@@ -158,6 +160,8 @@ class Responder:
         d, tok = self.decoding, self.tokenizer
         max_prompt = max(16, getattr(self.model.config, "max_position_embeddings", 2048) - d.max_new_tokens)
         out: list[Sample] = []
+        bar = tqdm(total=len(conversations), desc=f"generate {self.name}", unit="prompt", dynamic_ncols=True,
+                   disable=not is_main_process() or len(conversations) <= 1)  # no bar for a chat turn
         for start in range(0, len(conversations), d.batch_size):
             # a too-long prompt keeps its latest turns
             rows = [self.tokenize(self.render(c))[-max_prompt:] for c in conversations[start:start + d.batch_size]]
@@ -165,6 +169,8 @@ class Responder:
                 ids = _trim_response(r, tok.eos_token_id, tok.pad_token_id)
                 text = self.finish_text(tok.decode(ids, skip_special_tokens=True))
                 out.append(Sample(text=text, num_tokens=self.count_tokens(text), prompt_ids=prompt, response_ids=ids))
+            bar.update(len(rows))
+        bar.close()
         return out
 
     def _generate(self, rows: list[list[int]], stop_strings: list[str] | None):
