@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import sys
 
 from pipeline.config import ConfigError
@@ -105,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     from data_schemas.errors import DataError
-    from stages.common import StageError
+    from stages.common import StageError, os_error_line
     from stages.models import ModelError
 
     try:
@@ -115,9 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         print(msg if msg.startswith(("config error", "error")) else f"error: {msg}", file=sys.stderr)
         code = 2
     except OSError as e:  # the filesystem: a full disk, a read-only or missing folder
-        where = f" {e.filename}" if e.filename else ""
-        what = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-        print(f"error: {what}:{where}" if where else f"error: {what}", file=sys.stderr)
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -74,6 +74,13 @@ def reading_checkpoint(path: Path):
                          f"to resume from the one before it, or delete {path.parent} to start over") from None
 
 
+def os_error_line(e: OSError) -> str:
+    """A filesystem error as one line for the user (the CLI and every stage entry use it)."""
+    if e.errno == errno.ENOSPC:
+        return f"no space left on device while writing {e.filename or 'an artifact'}"
+    return f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+
+
 def write_stage_config(run_dir: str | os.PathLike, stage: str, cfg: RunConfig) -> None:
     """Every stage folder carries the resolved config it ran with."""
     atomic_write_text(stage_dir(run_dir, stage) / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
@@ -212,8 +219,5 @@ def stage_main(stage: str, run_fn, argv: list[str] | None = None) -> None:
         print(f"error: {stage}: {e}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:  # the filesystem: a full disk, a read-only or vanished folder
-        if e.errno == errno.ENOSPC:
-            print(f"error: {stage}: no space left on device while writing {e.filename or 'an artifact'}", file=sys.stderr)
-        else:
-            print(f"error: {stage}: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
+        print(f"error: {stage}: {os_error_line(e)}", file=sys.stderr)
         sys.exit(2)
