@@ -140,11 +140,11 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
         kinds[lab], sources[lab] = responder.kind, "generated"
         torch.manual_seed(cfg.seed)
         t0 = time.perf_counter()
-        samples[lab] = responder.sample(conversations)
+        needs_kl = responder.kind == "chat" and ref_path is not None and not same_model(paths[lab], ref_path)
+        samples[lab] = responder.sample(conversations, with_logprobs=needs_kl)  # own log-probs come with generation
         seconds[lab] = round(time.perf_counter() - t0, 2)
-        if responder.kind == "chat" and ref_path is not None and not same_model(paths[lab], ref_path):
-            own_logp[lab] = response_logprob_sums(responder.model, samples[lab], responder.tokenizer.pad_token_id,
-                                                  c.decoding.batch_size)
+        if needs_kl:
+            own_logp[lab] = [s.logprob_sum for s in samples[lab]]
             vocab[lab] = vocab_fingerprint(responder.tokenizer)
         responder.close()
 

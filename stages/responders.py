@@ -37,6 +37,8 @@ class Sample:
     num_tokens: int  # length of `text` in the model's tokenizer (what "response length" means everywhere)
     prompt_ids: list[int] = field(default_factory=list)  # (P,) the tokens the model was conditioned on
     response_ids: list[int] = field(default_factory=list)  # (R,) sampled tokens through the first EOS
+    logprob_sum: float | None = None  # sum of log p(response token) under the sampling model (temperature 1,
+    #                                   no top-p), from generation's raw logits; set when asked for
 
 
 # ---- the dialogue prompt (pure text helpers) ----
@@ -155,8 +157,11 @@ class Responder:
     def finish_text(self, text: str) -> str:
         return text.strip()
 
-    def sample(self, conversations: list[list[dict]], stop_strings: list[str] | None = None) -> list[Sample]:
-        """Batched generation with this responder's decoding settings; seed torch beforehand."""
+    def sample(self, conversations: list[list[dict]], stop_strings: list[str] | None = None, *,
+               with_logprobs: bool = False) -> list[Sample]:
+        """Batched generation with this responder's decoding settings; seed torch beforehand.
+        with_logprobs: also fill each Sample.logprob_sum from the logits generation computed anyway
+        (what a separate scoring pass over prompt + response would give, without that pass)."""
         d, tok = self.decoding, self.tokenizer
         max_prompt = max(16, getattr(self.model.config, "max_position_embeddings", 2048) - d.max_new_tokens)
         out: list[Sample] = []
@@ -165,16 +170,20 @@ class Responder:
         for start in range(0, len(conversations), d.batch_size):
             # a too-long prompt keeps its latest turns
             rows = [self.tokenize(self.render(c))[-max_prompt:] for c in conversations[start:start + d.batch_size]]
-            for prompt, r in zip(rows, self._generate(rows, stop_strings).tolist()):
+            response, token_logp = self._generate(rows, stop_strings, with_logprobs)
+            for i, (prompt, r) in enumerate(zip(rows, response.tolist())):
                 ids = _trim_response(r, tok.eos_token_id, tok.pad_token_id)
                 text = self.finish_text(tok.decode(ids, skip_special_tokens=True))
-                out.append(Sample(text=text, num_tokens=self.count_tokens(text), prompt_ids=prompt, response_ids=ids))
+                lp = float(token_logp[i, :len(ids)].sum()) if token_logp is not None else None
+                out.append(Sample(text=text, num_tokens=self.count_tokens(text), prompt_ids=prompt, response_ids=ids,
+                                  logprob_sum=lp))
             bar.update(len(rows))
         bar.close()
         return out
 
-    def _generate(self, rows: list[list[int]], stop_strings: list[str] | None):
-        """KV-cached sampling for token rows -> response ids (B, R), tokens after EOS set to pad.
+    def _generate(self, rows: list[list[int]], stop_strings: list[str] | None, with_logprobs: bool = False):
+        """KV-cached sampling for token rows -> (response ids (B, R) with tokens after EOS set to pad,
+        log p of each sampled token (B, R) from the raw logits, or None unless with_logprobs).
         Unlike `stages.common.generate`, rows that share a long token prefix (the dialogue prompt is
         ~400 tokens) run that prefix through the model once: its cache is copied to every row."""
         import copy
@@ -192,6 +201,8 @@ class Responder:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if stop_strings:
             kwargs.update(stop_strings=stop_strings, tokenizer=tok)
+        if with_logprobs:  # raw logits, before temperature and top-p
+            kwargs.update(output_logits=True, return_dict_in_generate=True)
         if prefix:
             cache = copy.deepcopy(prefix[1])
             cache.batch_repeat_interleave(len(rows))
@@ -199,7 +210,13 @@ class Responder:
         with torch.no_grad():
             out = self.model.generate(input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device),
                                       **kwargs)
-        return mask_after_eos(out[:, ids.shape[1]:].cpu(), tok.eos_token_id, tok.pad_token_id)
+        if not with_logprobs:
+            return mask_after_eos(out[:, ids.shape[1]:].cpu(), tok.eos_token_id, tok.pad_token_id), None
+        response = out.sequences[:, ids.shape[1]:]
+        token_logp = torch.stack([  # one (B, V) log-softmax at a time: never all R x V at once
+            torch.log_softmax(step.float(), dim=-1).gather(1, response[:, t:t + 1]).squeeze(1)
+            for t, step in enumerate(out.logits)], dim=1)
+        return mask_after_eos(response.cpu(), tok.eos_token_id, tok.pad_token_id), token_logp.cpu()
 
     def _shared_prefix(self, rows: list[list[int]]):
         """(prefix ids, its KV cache) for the tokens every row starts with, computed once and kept

@@ -85,6 +85,28 @@ def compared(tmp_path_factory):
     return run, json.loads((run / "compare" / "metrics.json").read_text()), summary
 
 
+def test_generation_logprobs_equal_a_separate_scoring_pass(tiny_model_dir):
+    """The compare stage takes each tuned model's own log p(response) from generation's raw logits
+    (KV-cached, one step at a time) instead of a second forward pass: the sums must be the ones that
+    full forward pass gives, with temperature and top-p in the sampler not leaking into them."""
+    import torch
+
+    from compare_fixtures import PROMPTS
+    from stages.config import Decoding
+    from stages.evaluate import response_logprob_sums
+    from stages.responders import ChatModel
+
+    bot = ChatModel("sft", str(tiny_model_dir), Decoding(max_new_tokens=10, temperature=0.7, top_p=0.9, batch_size=3))
+    torch.manual_seed(0)
+    samples = bot.sample([p["messages"] for p in PROMPTS], with_logprobs=True)  # different lengths, 2 batches
+    assert all(s.logprob_sum is not None and s.response_ids for s in samples)
+    scored = response_logprob_sums(bot.model, samples, bot.tokenizer.pad_token_id, batch_size=4)
+    assert [s.logprob_sum for s in samples] == pytest.approx(scored, abs=1e-3)
+    assert len({round(x, 3) for x in scored}) == len(scored)  # distinct rows: a mix-up would show
+    torch.manual_seed(0)
+    assert all(s.logprob_sum is None for s in bot.sample([PROMPTS[0]["messages"]]))
+
+
 def test_compare_reports_every_metric(compared):
     run, m, summary = compared
     assert m["models"] == ["baseline", "sft", "ppo"] and m["num_prompts"] == 4 and m["num_harmful_prompts"] == 2
