@@ -23,15 +23,24 @@ from stages.common import StageError
 from stages.config import GuardConfig
 
 
-def _cpu_copy(state):
+def _cpu_copy(state, into=None):
+    """A CPU copy of a (nested) state dict. With `into`, a previous copy of the same structure, its
+    tensors are overwritten in place: a fresh multi-GB allocation per snapshot costs page faults that
+    took several times longer than the copy itself (14 s vs 4 s for 3 GB, measured on 2 cores)."""
     import torch
 
     if isinstance(state, torch.Tensor):
-        return state.detach().to("cpu", copy=True)
+        src = state.detach()
+        if (isinstance(into, torch.Tensor) and into.shape == src.shape and into.dtype == src.dtype
+                and into.device.type == "cpu"):
+            return into.copy_(src)
+        return src.to("cpu", copy=True)
     if isinstance(state, dict):
-        return {k: _cpu_copy(v) for k, v in state.items()}
+        into = into if isinstance(into, dict) else {}
+        return {k: _cpu_copy(v, into.get(k)) for k, v in state.items()}
     if isinstance(state, (list, tuple)):
-        return type(state)(_cpu_copy(v) for v in state)
+        into = into if isinstance(into, (list, tuple)) and len(into) == len(state) else [None] * len(state)
+        return type(state)(_cpu_copy(v, w) for v, w in zip(state, into))
     return copy.deepcopy(state)
 
 
@@ -70,7 +79,8 @@ class SpikeGuard:
             self._take_snapshot(0)
 
     def _take_snapshot(self, step: int) -> None:
-        self._snapshot = {k: _cpu_copy(o.state_dict()) for k, o in self.objects.items()}
+        prev = self._snapshot or {}
+        self._snapshot = {k: _cpu_copy(o.state_dict(), prev.get(k)) for k, o in self.objects.items()}
         self._snapshot_step = step
 
     def should_skip(self) -> bool:
@@ -102,7 +112,9 @@ class SpikeGuard:
             raise StageError(f"spike guard gave up after {len(self.events)} spikes (last at step {step}: {reason}); "
                              "lower the learning rate or raise guard.max_events")
         for name, obj in self.objects.items():
-            obj.load_state_dict(self._snapshot[name])
+            # A copy: an optimizer's load_state_dict keeps same-device tensors as they are, so loading the
+            # snapshot itself would let the next steps update it in place (and reuse it as a buffer).
+            obj.load_state_dict(_cpu_copy(self._snapshot[name]))
         self._skip_left = self.cfg.skip_batches
 
     def after_step(self, step: int) -> None:

@@ -85,3 +85,51 @@ def test_nan_gradients_roll_back():
 def test_gives_up_after_max_events():
     with pytest.raises(StageError, match="spike guard gave up after 4 spikes"):
         _train(inject=lambda s, loss, m: loss * float("nan") if s > 20 else loss)
+
+
+def _adam_setup():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    return model, opt
+
+
+def _adam_step(model, opt):
+    loss = model(torch.randn(8, 4)).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def test_snapshots_reuse_their_buffers_and_hold_the_state_of_their_step():
+    model, opt = _adam_setup()
+    guard = SpikeGuard(GuardConfig(snapshot_every=1), {"model": model, "optimizer": opt})
+    _adam_step(model, opt)
+    guard.after_step(1)
+    first = guard._snapshot["model"]["weight"]
+    ptr = first.data_ptr()
+    _adam_step(model, opt)
+    guard.after_step(2)
+    snap = guard._snapshot
+    assert snap["model"]["weight"].data_ptr() == ptr            # overwritten in place, not reallocated
+    assert torch.equal(snap["model"]["weight"], model.weight.detach())
+    assert snap["model"]["weight"].data_ptr() != model.weight.data_ptr()  # a copy, not the live tensor
+    exp_avg = opt.state[model.weight]["exp_avg"]
+    assert torch.equal(snap["optimizer"]["state"][0]["exp_avg"], exp_avg)
+    assert snap["optimizer"]["state"][0]["exp_avg"].data_ptr() != exp_avg.data_ptr()
+
+
+def test_rollback_twice_to_one_snapshot_restores_the_same_state():
+    # Adam's load_state_dict keeps same-device tensors as given; the guard must hand it a copy, or
+    # the steps after a rollback would update the snapshot itself and a second rollback restore them.
+    model, opt = _adam_setup()
+    guard = SpikeGuard(GuardConfig(snapshot_every=1, min_history=100), {"model": model, "optimizer": opt})
+    _adam_step(model, opt)
+    guard.after_step(1)
+    want_w = model.weight.detach().clone()
+    want_m = opt.state[model.weight]["exp_avg"].clone()
+    for step in (2, 3):
+        _adam_step(model, opt)                                   # a step that changes weights and moments
+        assert not guard.check(step, loss=float("nan"))          # judged a spike: roll back to step 1
+        assert torch.equal(model.weight.detach(), want_w)
+        assert torch.equal(opt.state[model.weight]["exp_avg"], want_m)
