@@ -64,23 +64,21 @@ def _link_dir(src: Path, dst: Path) -> None:
 def worker_ours(job: dict) -> dict:
     from stages import ppo
 
-    bl.set_threads(job)
-    run_dir = Path(tempfile.mkdtemp(prefix="bench-ppo-ours-"))
-    _link_dir(Path(job["model_path"]), run_dir / "sft" / "model")
-    _link_dir(Path(job["rm_path"]), run_dir / "reward" / "model")
-    cfg = bl.run_config(job, {"ppo": dict(
+    def link_inputs(run_dir: Path) -> None:
+        _link_dir(Path(job["model_path"]), run_dir / "sft" / "model")
+        _link_dir(Path(job["rm_path"]), run_dir / "reward" / "model")
+
+    # An iteration's first metrics row (the one with iteration_s) is logged when it ends.
+    phases = []
+    res = bl.time_stage(ppo.run, job, {"ppo": dict(
         prompts={"source": job["prompts"]}, iterations=job["iterations"], batch_size=job["batch_size"],
         mini_batch_size=job["mini_batch_size"], ppo_epochs=job["ppo_epochs"], max_new_tokens=job["response_length"],
         lr=1e-5, temperature=1.0, top_p=1.0, kl_coef=0.05, kl_estimator="k1", gamma=1.0, lam=0.95, cliprange=0.2,
-        cliprange_value=0.2, vf_coef=0.1, missing_eos_penalty=1.0, save_every=job["iterations"] + 1)})
-    # An iteration's first metrics row (the one with iteration_s) is logged when it ends.
-    phases = []
-    stamps = bl.hook_metrics_logger("iteration_s", lambda m: phases.append(
-        {k: m[f"{k}_s"] for k in PHASES} | {"response_length": m.get("response_length"),
-                                             "skipped": m.get("skipped_minibatches", 0)}))
-    t0 = time.perf_counter()
-    summary = ppo.run(cfg, run_dir)
-    return {"stamps": stamps, "phases": phases, "wall_s": time.perf_counter() - t0, "summary": summary}
+        cliprange_value=0.2, vf_coef=0.1, missing_eos_penalty=1.0, save_every=job["iterations"] + 1)},
+        "iteration_s", prefix="bench-ppo-ours-", prepare=link_inputs, on_row=lambda m: phases.append(
+            {k: m[f"{k}_s"] for k in PHASES} | {"response_length": m.get("response_length"),
+                                                 "skipped": m.get("skipped_minibatches", 0)}))
+    return res | {"phases": phases}
 
 
 class _PhaseTimer:
@@ -207,16 +205,12 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"error: the PPO peer needs trl 1.12.0 in {args.peer_python}: run bench/setup_peer_venv.sh "
                          "(or pass --sides ours)")
 
-    from stages.models import load_tokenizer, resolve_model
+    from stages.models import load_tokenizer
 
     from bench import benchdata
 
-    labels, section = bl.variant(LABELS, SECTION, args)
-    basis = bl.basis_of(args)
-    logs = bl.log_dir(args.log_dir, SECTION)
-    info = bl.machine_info(args.device, args.threads)
-    ceiling = bl.ceiling(args.device, args.dtype, args.threads)
-    model_path = resolve_model(args.model)
+    b = bl.Setup(args, LABELS, SECTION)
+    labels, basis, logs, info, ceiling, model_path = b.labels, b.basis, b.logs, b.info, b.ceiling, b.model_path
     n_params = bl.count_params(model_path)
     cache = Path(model_path).parent.parent / "bench"
     cache.mkdir(parents=True, exist_ok=True)
@@ -227,9 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
            "iterations": total, "batch_size": args.batch_size, "mini_batch_size": args.mini_batch_size,
            "ppo_epochs": args.ppo_epochs, "response_length": args.response_length, "device": args.device,
            "dtype": args.dtype, "threads": args.threads, "ours_set": args.ours_set}
-    res, note = bl.run_sides(sides, args.reuse, logs, lambda side: bl.run_worker(
-        ["-m", "bench.bench_ppo", "--worker", side], job, python=args.peer_python if side == "peer" else None,
-        env=bl.device_env(args.device, args.dtype, args.threads), log_path=logs / f"{side}.log"))
+    res, note = b.run_sides(args, "bench.bench_ppo", job, peer_python=args.peer_python)
     # Useful model FLOPs per rollout token, the same on both sides: generation and the reference forward
     # (2·N_lm each), value and reward forwards (2·N_cls each), then ppo_epochs x policy and value training
     # (6·N_lm + 6·N_cls). Our stage skips the LM head on prompt positions; that saving is not counted.
@@ -259,9 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"Logs: `{logs}`.\n\n{note}{table}\n\nWhere an iteration's wall time goes (mean of the timed iterations; ours from "
             f"the stage's own generate_s/score_s/train_s metrics, trl's by wrapping batch_generation and its no-grad "
             f"forward/get_reward calls):\n\n{phases}\n")
-    if not args.no_write and "ours" in res:  # a one-sided run is written too, without ratios
-        bl.update_results(section, f"PPO: stages.ppo vs trl 1.12.0 PPOTrainer ({args.device}, {args.dtype})"
-                           + (f", ours with {', '.join(args.ours_set)}" if args.ours_set else ""), body)
+    b.publish(args, res, "PPO: stages.ppo vs trl 1.12.0 PPOTrainer", body)
     return {"per_side": per_side}
 
 

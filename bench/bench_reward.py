@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,32 +29,20 @@ LABELS = {"ours": "ours: stages.reward", "peer": "TRL RewardTrainer (trl 1.16)"}
 def worker_ours(job: dict) -> dict:
     from stages import reward
 
-    bl.set_threads(job)
-    run_dir = Path(tempfile.mkdtemp(prefix="bench-rm-ours-"))
-    cfg = bl.run_config(job, {"reward": dict(
+    return bl.time_stage(reward.run, job, {"reward": dict(
         data={"source": job["data"]}, init_from=job["model_path"], use_margin=False, max_steps=job["steps"],
         batch_size=job["batch_size"], max_length=job["max_length"], lr=job["lr"], lr_scheduler="cosine",
-        warmup_ratio=WARMUP_RATIO, eval_fraction=0.0, save_steps=0, logging_steps=1)})
-    stamps = bl.hook_metrics_logger("loss")
-    t0 = time.perf_counter()
-    summary = reward.run(cfg, run_dir)
-    wall = time.perf_counter() - t0
-    return {"stamps": stamps, "wall_s": wall, "summary": summary}
+        warmup_ratio=WARMUP_RATIO, eval_fraction=0.0, save_steps=0, logging_steps=1)}, "loss", prefix="bench-rm-ours-")
 
 
 def worker_peer(job: dict) -> dict:
     import datasets
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
     bl.set_threads(job)
-    stamps: list = []
-
-    class Stamp(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            stamps.append(bl.clock())
-
+    stamp, stamps = bl.trl_stamper()
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(job["model_path"])
     tok.padding_side = "right"
@@ -64,15 +51,8 @@ def worker_peer(job: dict) -> dict:
                                       "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows])
     model = AutoModelForSequenceClassification.from_pretrained(job["model_path"], num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tok.pad_token_id
-    args = RewardConfig(
-        output_dir=tempfile.mkdtemp(prefix="bench-rm-trl-"), per_device_train_batch_size=job["batch_size"],
-        gradient_accumulation_steps=1, max_steps=job["steps"], learning_rate=job["lr"], lr_scheduler_type="cosine",
-        warmup_steps=round(WARMUP_RATIO * job["steps"]), weight_decay=0.0, max_grad_norm=1.0,
-        max_length=job["max_length"], gradient_checkpointing=False, bf16=job["dtype"] == "bf16", fp16=False,
-        use_cpu=job["device"] == "cpu", logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none",
-        dataloader_num_workers=0, seed=0, disable_tqdm=False, center_rewards_coefficient=None,
-    )
-    trainer = RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[Stamp()])
+    args = RewardConfig(**bl.trl_training_args(job, WARMUP_RATIO, "bench-rm-trl-"), center_rewards_coefficient=None)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[stamp])
     trainer.train()
     return {"stamps": stamps, "wall_s": time.perf_counter() - t0}
 
@@ -82,34 +62,22 @@ def worker_peer(job: dict) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     bl.add_common_args(ap)
-    ap.add_argument("--steps", type=int, default=5, help="timed optimizer steps")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed first steps")
-    ap.add_argument("--batch-size", type=int, default=8, help="preference pairs per step")
-    ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--lr", type=float, default=2e-5)
-    ap.add_argument("--sides", default="ours,peer", help="comma list: ours, peer")
-    ap.add_argument("--data", default="default:preferences", help="a preferences source (cycled to fill the steps)")
+    bl.add_step_args(ap, lr=2e-5, data="default:preferences", batch_help="preference pairs per step")
     args = ap.parse_args(argv)
 
-    from stages.models import load_tokenizer, resolve_model
+    from stages.models import load_tokenizer
 
     from bench import benchdata
 
-    labels, section = bl.variant(LABELS, SECTION, args)
-    basis = bl.basis_of(args)
-    logs = bl.log_dir(args.log_dir, SECTION)
-    info = bl.machine_info(args.device, args.threads)
-    ceiling = bl.ceiling(args.device, args.dtype, args.threads)
-    model_path = resolve_model(args.model)
+    b = bl.Setup(args, LABELS, SECTION)
+    labels, basis, logs, info, ceiling, model_path = b.labels, b.basis, b.logs, b.info, b.ceiling, b.model_path
     n_params = bl.count_params(model_path, head="score")
     total = args.steps + args.warmup
     data = benchdata.preference_pairs(logs, args.batch_size * total, load_tokenizer(args.model), args.max_length, args.data)
     job = {"model": args.model, "model_path": model_path, "data": data["path"], "steps": total,
            "batch_size": args.batch_size, "max_length": args.max_length, "lr": args.lr, "device": args.device,
            "dtype": args.dtype, "threads": args.threads, "ours_set": args.ours_set}
-    res, note = bl.run_sides(args.sides.split(","), args.reuse, logs, lambda side: bl.run_worker(
-        ["-m", "bench.bench_reward", "--worker", side], job, env=bl.device_env(args.device, args.dtype, args.threads),
-        log_path=logs / f"{side}.log"))
+    res, note = b.run_sides(args, "bench.bench_reward", job)
     table, _ = bl.side_by_side(res, labels, warmup=args.warmup, samples_per_step=args.batch_size,
                                tokens_per_sample=data["tokens_per_sample"], flops_per_token=6 * n_params,
                                ceiling=ceiling, basis=basis, unit="pairs")
@@ -119,11 +87,11 @@ def main(argv: list[str] | None = None) -> dict:
             f"{args.max_length}, {args.warmup} warm-up + {args.steps} timed steps, default preferences flattened to "
             f"pairs and cycled (mean {data['tokens_per_sample']:.0f} tokens per pair, both replies). s/step = median "
             f"time between consecutive step ends (wall and process CPU); tokens = pairs × tokens per pair; MFU = "
-            f"6·N·tokens/s ÷ ceiling. {bl.basis_note(basis, ceiling)} Peak RSS is each side's own process (VmHWM). "
+            f"6·N·tokens/s ÷ ceiling. {bl.basis_note(basis, ceiling)} Our stage runs with its defaults otherwise "
+            f"(padding-free batches: a step's replies packed into one row, each scored at its last token); TRL pads "
+            f"every sequence to the longest in the batch. Peak RSS is each side's own process (VmHWM). "
             f"Logs: `{logs}`.\n\n{note}{table}\n")
-    if not args.no_write and "ours" in res:  # a one-sided run is written too, without ratios
-        bl.update_results(section, f"Reward model: stages.reward vs TRL RewardTrainer ({args.device}, {args.dtype})"
-                           + (f", ours with {', '.join(args.ours_set)}" if args.ours_set else ""), body)
+    b.publish(args, res, "Reward model: stages.reward vs TRL RewardTrainer", body)
     return res
 
 

@@ -491,3 +491,85 @@ def basis_note(basis: str, ceiling: dict) -> str:
                 f"CPU-time ratio is the one to read; wall times are shown as measured.")
     return (f"Throughput is per wall-clock second; MFU against the matmul ceiling "
             f"({ceiling['gflops_best']:.0f} GFLOP/s, the best seen on this machine).")
+
+
+# ---- the side-by-side scripts' shared skeleton (bench_sft, bench_reward, bench_ppo) ----
+
+def add_step_args(ap, *, lr: float, data: str, batch_help: str = "samples per step") -> None:
+    """Arguments of the trainer benchmarks (SFT, RM): timed/untimed steps, batch shape, sides, data."""
+    ap.add_argument("--steps", type=int, default=5, help="timed optimizer steps")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed first steps")
+    ap.add_argument("--batch-size", type=int, default=8, help=batch_help)
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=lr)
+    ap.add_argument("--sides", default="ours,peer", help="comma list: ours, peer")
+    ap.add_argument("--data", default=data, help="the source to draw from (cycled to fill the steps)")
+
+
+class Setup:
+    """What a side-by-side script works out before it runs its sides: row labels and RESULTS.md
+    section of this variant, throughput basis, log folder, machine line, matmul ceiling, model folder."""
+
+    def __init__(self, args, labels: dict, section: str):
+        from stages.models import resolve_model
+
+        self.labels, self.section = variant(labels, section, args)
+        self.basis = basis_of(args)
+        self.logs = log_dir(args.log_dir, section)
+        self.info = machine_info(args.device, args.threads)
+        self.ceiling = ceiling(args.device, args.dtype, args.threads)
+        self.model_path = resolve_model(args.model)
+
+    def run_sides(self, args, module: str, job: dict, peer_python: str | None = None) -> tuple[dict, str]:
+        """Each side of `python -m module --worker SIDE` in its own process (the peer under
+        peer_python when given), or reused from --reuse."""
+        env = device_env(args.device, args.dtype, args.threads)
+        return run_sides(args.sides.split(","), args.reuse, self.logs, lambda side: run_worker(
+            ["-m", module, "--worker", side], job, python=peer_python if side == "peer" else None, env=env,
+            log_path=self.logs / f"{side}.log"))
+
+    def publish(self, args, res: dict, title: str, body: str) -> None:
+        """Write the section unless --no-write; a one-sided run is written too, without ratios."""
+        if not args.no_write and "ours" in res:
+            suffix = f", ours with {', '.join(args.ours_set)}" if args.ours_set else ""
+            update_results(self.section, f"{title} ({args.device}, {args.dtype}){suffix}", body)
+
+
+def time_stage(run_fn, job: dict, sections: dict, stamp_key: str, *, on_row=None, prefix: str = "bench-",
+               prepare=None) -> dict:
+    """Our side of a benchmark: `run_fn(cfg, fresh run folder)` with the bench config, step end
+    times taken from the stage's metrics rows that carry `stamp_key`; prepare(run_dir) first, if given."""
+    set_threads(job)
+    run_dir = Path(tempfile.mkdtemp(prefix=prefix))
+    if prepare is not None:
+        prepare(run_dir)
+    cfg = run_config(job, sections)
+    stamps = hook_metrics_logger(stamp_key, on_row)
+    t0 = time.perf_counter()
+    summary = run_fn(cfg, run_dir)
+    return {"stamps": stamps, "wall_s": time.perf_counter() - t0, "summary": summary}
+
+
+def trl_stamper():
+    """(callback, stamps) for a TRL trainer: the callback records clock() at every step end."""
+    from transformers import TrainerCallback
+
+    stamps: list = []
+
+    class Stamp(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            stamps.append(clock())
+
+    return Stamp(), stamps
+
+
+def trl_training_args(job: dict, warmup_ratio: float, prefix: str) -> dict:
+    """The TrainingArguments both TRL peers share, equal to our side's settings: batch, steps, cosine
+    LR with warm-up, grad clip 1.0, no weight decay, no checkpointing or eval, no reporting."""
+    return dict(
+        output_dir=tempfile.mkdtemp(prefix=prefix), per_device_train_batch_size=job["batch_size"],
+        gradient_accumulation_steps=1, max_steps=job["steps"], learning_rate=job["lr"], lr_scheduler_type="cosine",
+        warmup_steps=round(warmup_ratio * job["steps"]), weight_decay=0.0, max_grad_norm=1.0,
+        max_length=job["max_length"], gradient_checkpointing=False, bf16=job["dtype"] == "bf16", fp16=False,
+        use_cpu=job["device"] == "cpu", logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none",
+        dataloader_num_workers=0, seed=0, disable_tqdm=False)
