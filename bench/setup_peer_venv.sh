@@ -11,11 +11,12 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(dirname "$HERE")"
 PYTHON="${PYTHON:-python3.11}"
 VENV="${PEER_VENV:-$HERE/.venv-trl112}"
-STAMP="$VENV/.installed-trl112"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
-# trl 1.12.0 needs transformers>=4.56.2; pin the main env's version so both sides run the same
-# model code and only the trainer differs.
-TRANSFORMERS_SPEC="${TRANSFORMERS_SPEC:-transformers==5.23.0}"
+# trl 1.12.0 needs transformers>=4.56.2; use the main env's version (the Makefile's .venv) so both
+# sides run the same model code and only the trainer differs.
+MAIN_TRANSFORMERS="$("$REPO/.venv/bin/python" -c 'import transformers; print(transformers.__version__)' 2>/dev/null || true)"
+TRANSFORMERS_SPEC="${TRANSFORMERS_SPEC:-transformers==${MAIN_TRANSFORMERS:-5.23.0}}"
+STAMP="$VENV/.installed-trl112-${TRANSFORMERS_SPEC//[^A-Za-z0-9.=]/_}"
 
 if [[ -f "$STAMP" ]]; then
     echo "peer venv ready: $VENV"
