@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
            "iterations": total, "batch_size": args.batch_size, "mini_batch_size": args.mini_batch_size,
            "ppo_epochs": args.ppo_epochs, "response_length": args.response_length, "device": args.device,
            "dtype": args.dtype, "threads": args.threads, "ours_set": args.ours_set}
-    res, note = b.run_sides(args, "bench.bench_ppo", job, peer_python=args.peer_python)
+    res, note = b.run_sides("bench.bench_ppo", job, peer_python=args.peer_python)
     # Useful model FLOPs per rollout token, the same on both sides: generation and the reference forward
     # (2·N_lm each), value and reward forwards (2·N_cls each), then ppo_epochs x policy and value training
     # (6·N_lm + 6·N_cls). Our stage skips the LM head on prompt positions; that saving is not counted.
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"Logs: `{logs}`.\n\n{note}{table}\n\nWhere an iteration's wall time goes (mean of the timed iterations; ours from "
             f"the stage's own generate_s/score_s/train_s metrics, trl's by wrapping batch_generation and its no-grad "
             f"forward/get_reward calls):\n\n{phases}\n")
-    b.publish(args, res, "PPO: stages.ppo vs trl 1.12.0 PPOTrainer", body)
+    b.publish(res, "PPO: stages.ppo vs trl 1.12.0 PPOTrainer", body)
     return {"per_side": per_side}
 
 

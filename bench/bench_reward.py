@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     job = {"model": args.model, "model_path": model_path, "data": data["path"], "steps": total,
            "batch_size": args.batch_size, "max_length": args.max_length, "lr": args.lr, "device": args.device,
            "dtype": args.dtype, "threads": args.threads, "ours_set": args.ours_set}
-    res, note = b.run_sides(args, "bench.bench_reward", job)
+    res, note = b.run_sides("bench.bench_reward", job)
     table, _ = bl.side_by_side(res, labels, warmup=args.warmup, samples_per_step=args.batch_size,
                                tokens_per_sample=data["tokens_per_sample"], flops_per_token=6 * n_params,
                                ceiling=ceiling, basis=basis, unit="pairs")
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"(padding-free batches: a step's replies packed into one row, each scored at its last token); TRL pads "
             f"every sequence to the longest in the batch. Peak RSS is each side's own process (VmHWM). "
             f"Logs: `{logs}`.\n\n{note}{table}\n")
-    b.publish(args, res, "Reward model: stages.reward vs TRL RewardTrainer", body)
+    b.publish(res, "Reward model: stages.reward vs TRL RewardTrainer", body)
     return res
 
 

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     job = {"model": args.model, "model_path": model_path, "data": data["path"], "steps": total,
            "batch_size": args.batch_size, "max_length": args.max_length, "lr": args.lr, "device": args.device,
            "dtype": args.dtype, "threads": args.threads, "ours_set": args.ours_set}
-    res, note = b.run_sides(args, "bench.bench_sft", job)
+    res, note = b.run_sides("bench.bench_sft", job)
     table, _ = bl.side_by_side(res, labels, warmup=args.warmup, samples_per_step=args.batch_size,
                                tokens_per_sample=data["tokens_per_sample"], flops_per_token=6 * n_params,
                                ceiling=ceiling, basis=basis)
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"stage runs with its defaults otherwise (padding-free batches); TRL pads, as its padding-free mode "
             f"needs flash-attention. Peak RSS is each side's own process (VmHWM). Logs: `{logs}`.\n\n"
             f"{note}{table}\n")
-    b.publish(args, res, "SFT: stages.sft vs TRL SFTTrainer", body)
+    b.publish(res, "SFT: stages.sft vs TRL SFTTrainer", body)
     return res
 
 

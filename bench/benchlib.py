@@ -513,6 +513,7 @@ class Setup:
     def __init__(self, args, labels: dict, section: str):
         from stages.models import resolve_model
 
+        self.args = args
         self.labels, self.section = variant(labels, section, args)
         self.basis = basis_of(args)
         self.logs = log_dir(args.log_dir, section)
@@ -520,16 +521,18 @@ class Setup:
         self.ceiling = ceiling(args.device, args.dtype, args.threads)
         self.model_path = resolve_model(args.model)
 
-    def run_sides(self, args, module: str, job: dict, peer_python: str | None = None) -> tuple[dict, str]:
+    def run_sides(self, module: str, job: dict, peer_python: str | None = None) -> tuple[dict, str]:
         """Each side of `python -m module --worker SIDE` in its own process (the peer under
         peer_python when given), or reused from --reuse."""
+        args = self.args
         env = device_env(args.device, args.dtype, args.threads)
         return run_sides(args.sides.split(","), args.reuse, self.logs, lambda side: run_worker(
             ["-m", module, "--worker", side], job, python=peer_python if side == "peer" else None, env=env,
             log_path=self.logs / f"{side}.log"))
 
-    def publish(self, args, res: dict, title: str, body: str) -> None:
+    def publish(self, res: dict, title: str, body: str) -> None:
         """Write the section unless --no-write; a one-sided run is written too, without ratios."""
+        args = self.args
         if not args.no_write and "ours" in res:
             suffix = f", ours with {', '.join(args.ours_set)}" if args.ours_set else ""
             update_results(self.section, f"{title} ({args.device}, {args.dtype}){suffix}", body)
