@@ -32,7 +32,7 @@ def variants(model, tok, texts: list[str], new_tokens: int, temperature: float):
     common = dict(max_new_tokens=new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **sample)
 
     def ours():
-        _, _, resp = generate(model, tok, texts, max_new_tokens=new_tokens, temperature=temperature, top_p=1.0)
+        resp = generate(model, tok, texts, max_new_tokens=new_tokens, temperature=temperature, top_p=1.0).response
         return _count_generated(resp, tok.pad_token_id)
 
     def hf_batched():

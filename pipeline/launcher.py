@@ -5,6 +5,8 @@ import os
 import sys
 from pathlib import Path
 
+from stages.runtime import intra_op_threads
+
 STAGE_MODULES = {
     "sft": "stages.sft",
     "reward": "stages.reward",
@@ -35,6 +37,9 @@ def accelerate_args(launch, stage: str | None = None) -> list[str]:
         args += ["--mixed_precision", "no"]
     if not launch.accelerate_config:
         args += ["--dynamo_backend", "no"]
+    # accelerate gives a process one intra-op thread unless told (it splits the cores only with --cpu).
+    per_node = max(1, launch.num_processes // max(1, launch.num_machines))
+    args += ["--num_cpu_threads_per_process", str(intra_op_threads(per_node))]
     return args
 
 

@@ -19,6 +19,7 @@ from pipeline.config import config_hash
 from pipeline.launcher import stage_command, stage_env
 from pipeline.rundir import Manifest, clear_done, read_done, run_dir_for, write_done
 from stages.common import STAGES, StageError, stage_dir
+from stages.runtime import resolve_precision
 
 RUN_LEVEL_KEYS = ("model", "seed", "precision", "trust_remote_code")
 ATTEMPT = ".attempt.json"
@@ -39,6 +40,7 @@ def upstream(cfg, stage: str) -> list[str]:
 def stage_hashes(cfg) -> dict[str, str]:
     dumped = cfg.model_dump(mode="json")
     run_level = {k: dumped[k] for k in RUN_LEVEL_KEYS}
+    run_level["precision"] = resolve_precision(run_level["precision"])  # what the stages will run with
     hashes: dict[str, str] = {}
     for stage in STAGES:  # STAGES is in dependency order
         own = {"run": run_level, "guard": dumped["guard"], stage: dumped[stage]}

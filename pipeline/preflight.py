@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from stages.runtime import resolve_precision
+
 GiB = 1024**3
 
 
@@ -42,7 +44,7 @@ def estimate_memory(cfg, launch) -> list[MemoryEstimate]:
     h = getattr(mcfg, "hidden_size", 1024)
     layers = getattr(mcfg, "num_hidden_layers", 24)
     vocab = getattr(mcfg, "vocab_size", 32000)
-    pbytes = 4 if cfg.precision == "fp32" else 2
+    pbytes = 4 if resolve_precision(cfg.precision) == "fp32" else 2
     shard = launch.num_processes * launch.num_machines
     zero = 1
     if launch.accelerate_config and any(k in os.path.basename(launch.accelerate_config) for k in ("zero3", "fsdp")):

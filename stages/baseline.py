@@ -16,6 +16,7 @@ from data_schemas.files import atomic_write_json, atomic_write_jsonl, atomic_wri
 from data_schemas.records import as_chat
 from stages.common import StageError, is_main_process, stage_dir, stage_main, write_stage_config, write_summary
 from stages.config import Decoding, RunConfig
+from stages.runtime import resolved, runtime_info
 from stages.responders import (BASELINE, PROMPT_COPY, Sample, baseline_model, load_prompt_text,
                                prompt_sha256, responder_for)
 
@@ -65,6 +66,7 @@ def reusable_generations(run_dir: Path, settings: dict) -> list[dict] | None:
 
 
 def run(cfg: RunConfig, run_dir: Path) -> dict:
+    cfg = resolved(cfg)  # precision "auto" made concrete for this machine
     import torch
 
     if not is_main_process():  # generation is cheap and runs on one process
@@ -94,6 +96,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
         "empty_responses": sum(1 for s in samples if not s.text),
         "prompt_tokens": preamble_tokens,
         "generation_seconds": round(seconds, 2),
+        **runtime_info(cfg.precision),
     }
     write_summary(run_dir, BASELINE, summary)
     return summary

@@ -10,6 +10,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
@@ -170,10 +171,29 @@ def render_prompts(tokenizer, prompts: list[list[dict]]) -> list[str]:
     return [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in prompts]
 
 
+class Generation(NamedTuple):
+    """What `generate` returns (B rows, P prompt positions, R new tokens).
+
+    prompt_ids:  (B, P) left-padded prompt ids
+    prompt_mask: (B, P) 1 on prompt tokens
+    response:    (B, R) sampled ids, pad after the first EOS (the EOS itself is kept)
+    logprobs:    (B, R) log π(a_t|s_t) at the sampling temperature (top-p aside), read from the logits
+                 generation computed anyway; None unless asked for
+    entropy:     (B, R) entropy of that distribution, in nats; None unless asked for
+    """
+
+    prompt_ids: object
+    prompt_mask: object
+    response: object
+    logprobs: object = None
+    entropy: object = None
+
+
 def generate(model, tokenizer, texts: list[str], *, max_new_tokens: int, temperature: float, top_p: float,
-             max_prompt_length: int = 1024, stop_strings: list[str] | None = None):
-    """Batched, left-padded, KV-cached sampling. Returns (prompt_ids (B,P), response_ids (B,R)),
-    with response tokens after EOS replaced by pad."""
+             max_prompt_length: int = 1024, stop_strings: list[str] | None = None,
+             with_logprobs: bool = False) -> Generation:
+    """Batched, left-padded, KV-cached sampling (see `Generation`). Run it inside the stage's autocast
+    context: a trainable model's low-precision weight casts are then made once per call, not per token."""
     import torch
 
     tokenizer.padding_side = "left"
@@ -187,11 +207,21 @@ def generate(model, tokenizer, texts: list[str], *, max_new_tokens: int, tempera
         kwargs.update(do_sample=False)
     if stop_strings:
         kwargs.update(stop_strings=stop_strings, tokenizer=tokenizer)
+    if with_logprobs:  # raw logits, before temperature and top-p
+        kwargs.update(output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
         out = model.generate(**enc, **kwargs)
     prompt_ids = enc["input_ids"]
-    response = out[:, prompt_ids.shape[1]:]
-    return prompt_ids, enc["attention_mask"], mask_after_eos(response, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    sequences = out.sequences if with_logprobs else out
+    response = mask_after_eos(sequences[:, prompt_ids.shape[1]:], tokenizer.eos_token_id, tokenizer.pad_token_id)
+    if not with_logprobs:
+        return Generation(prompt_ids, enc["attention_mask"], response)
+    logprobs, entropy = [], []
+    for t, step in enumerate(out.logits):  # one (B, V) step at a time: never all R x V in fp32 at once
+        logp = torch.log_softmax(step.float() / (temperature or 1.0), dim=-1)
+        logprobs.append(logp.gather(1, response[:, t:t + 1]).squeeze(1))
+        entropy.append(-(logp.exp() * logp).sum(-1))
+    return Generation(prompt_ids, enc["attention_mask"], response, torch.stack(logprobs, 1), torch.stack(entropy, 1))
 
 
 def mask_after_eos(response, eos_id: int, pad_id: int):

@@ -158,7 +158,9 @@ class RunConfig(Section):
     model: str = DEFAULT_MODEL
     runs_root: str = "runs"
     seed: int = 0
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto = bf16 mixed precision where the device does bf16 natively, else fp32 "
+        "(see stages/runtime.py)")
     trust_remote_code: bool = False
     sft: SFTConfig = Field(default_factory=SFTConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)

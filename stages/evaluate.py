@@ -28,6 +28,7 @@ from stages.baseline import generation_settings, load_eval_prompts, reusable_gen
 from stages.common import (StageError, is_main_process, logprobs_from_logits, read_metrics, resolve_input_model,
                            stage_dir, stage_main, write_stage_config, write_summary)
 from stages.config import RunConfig
+from stages.runtime import autocast, autocast_layout, generation_logprobs_exact, resolved, runtime_info
 from stages.models import load_causal_lm, load_reward_model, load_tokenizer
 from stages.responders import BASELINE, Sample, baseline_prompt, responder_for, unique_labels
 
@@ -107,6 +108,7 @@ def same_model(a: str, b: str) -> bool:
 # ---- the stage ----
 
 def run(cfg: RunConfig, run_dir: Path) -> dict:
+    cfg = resolved(cfg)  # precision "auto" made concrete for this machine
     import torch
 
     if not is_main_process():
@@ -141,10 +143,17 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
         torch.manual_seed(cfg.seed)
         t0 = time.perf_counter()
         needs_kl = responder.kind == "chat" and ref_path is not None and not same_model(paths[lab], ref_path)
-        samples[lab] = responder.sample(conversations, with_logprobs=needs_kl)  # own log-probs come with generation
+        # A tuned model's own log-probs come with generation where that equals a forward pass (fp32).
+        from_generation = needs_kl and generation_logprobs_exact(cfg.precision)
+        samples[lab] = responder.sample(conversations, with_logprobs=from_generation)
         seconds[lab] = round(time.perf_counter() - t0, 2)
         if needs_kl:
-            own_logp[lab] = [s.logprob_sum for s in samples[lab]]
+            if from_generation:
+                own_logp[lab] = [s.logprob_sum for s in samples[lab]]
+            else:  # the same kind of pass as the reference's below, so a same-model KL is exactly 0
+                with autocast(cfg.precision, responder.model.device):
+                    own_logp[lab] = response_logprob_sums(responder.model, samples[lab],
+                                                          responder.tokenizer.pad_token_id, c.decoding.batch_size)
             vocab[lab] = vocab_fingerprint(responder.tokenizer)
         responder.close()
 
@@ -155,20 +164,23 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
             kl[lab] = [0.0] * len(prompts)  # the reference itself
     if own_logp:
         ref_tok = load_tokenizer(ref_path, cfg.trust_remote_code)
-        ref_model = load_causal_lm(ref_path, cfg.precision, cfg.trust_remote_code).eval()
+        ref_model = autocast_layout(load_causal_lm(ref_path, "fp32", cfg.trust_remote_code), cfg.precision).eval()
         for lab, own in own_logp.items():
             if vocab[lab] != vocab_fingerprint(ref_tok):
                 raise StageError(f"compare.reference ({ref_path}) has a different tokenizer from model {lab!r}; "
                                  "KL needs a shared vocabulary (set compare.reference: null to skip KL)")
-            ref_lp = response_logprob_sums(ref_model, samples[lab], ref_tok.pad_token_id, c.decoding.batch_size)
+            with autocast(cfg.precision, ref_model.device):
+                ref_lp = response_logprob_sums(ref_model, samples[lab], ref_tok.pad_token_id, c.decoding.batch_size)
             kl[lab] = [a - b for a, b in zip(own, ref_lp)]
         del ref_model
 
     # ---- reward-model scores ----
     rm_tok = load_tokenizer(rm_path, cfg.trust_remote_code)
-    rm = load_reward_model(rm_path, cfg.precision, cfg.trust_remote_code, pad_token_id=rm_tok.pad_token_id).eval()
-    rewards = {lab: np.array(reward_scores(rm, rm_tok, conversations, [s.text for s in samples[lab]],
-                                           c.decoding.batch_size, cfg.reward.max_length)) for lab in labels}
+    rm = autocast_layout(load_reward_model(rm_path, "fp32", cfg.trust_remote_code, pad_token_id=rm_tok.pad_token_id),
+                         cfg.precision).eval()
+    with autocast(cfg.precision, rm.device):
+        rewards = {lab: np.array(reward_scores(rm, rm_tok, conversations, [s.text for s in samples[lab]],
+                                               c.decoding.batch_size, cfg.reward.max_length)) for lab in labels}
     del rm
 
     # ---- offensive language on the harmful subset ----
@@ -227,7 +239,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
 
     write_report(out, metrics, gen_rows, read_metrics(run_dir, "ppo"), max_samples=c.report_samples)
 
-    summary = headline(metrics)
+    summary = {**headline(metrics), **runtime_info(cfg.precision)}
     write_summary(run_dir, STAGE, summary)
     return summary
 

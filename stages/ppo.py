@@ -3,9 +3,10 @@
 Our own implementation: TRL 1.16 no longer ships a PPO trainer. Each iteration is five steps,
 marked below with banners:
 
-  1. rollout        sample B responses from the policy (batched, KV-cached, left-padded prompts)
-  2. score          one no-grad pass each: policy log-probs (+ entropy), reference log-probs,
-                    values, and the reward (RM score or a programmatic reward_fn)
+  1. rollout        sample B responses from the policy (batched, KV-cached, left-padded prompts);
+                    in fp32 the policy's log-probs and entropy come from generation's own logits
+  2. score          one no-grad pass each: reference log-probs, values, the reward (RM score or a
+                    programmatic reward_fn), and under bf16 the policy's log-probs (+ entropy)
   3. KL-penalise    r_t = −β·KL_t on every response token, + the score on the last one
   4. advantages     GAE(γ, λ) over the response tokens, whitened
   5. update         ppo_epochs × minibatches of clipped policy + clipped value loss (+ PPO-ptx)
@@ -30,6 +31,7 @@ from stages.common import (
     resolve_input_model, stage_dir, stage_main, write_stage_config, write_summary,
 )
 from stages.config import RunConfig
+from stages.runtime import generation_logprobs_exact, resolved, runtime_info
 from stages.ppo_math import (
     clipped_policy_loss, clipped_value_loss, entropy_from_logits, gae, kl_penalized_rewards, make_kl_controller,
     masked_mean, masked_whiten,
@@ -178,6 +180,7 @@ def _truncate_logs(out_dir: Path, last_iteration: int) -> None:
 
 
 def run(cfg: RunConfig, run_dir: Path) -> dict:
+    cfg = resolved(cfg)  # precision "auto" made concrete for this machine
     from accelerate.utils import gather_object, set_seed
     from tqdm.auto import tqdm
 
@@ -254,6 +257,9 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     guard_log = _IterationLog(logger)
     guard = SpikeGuard(cfg.guard, {"policy": TrainableState(policy_u), "value": TrainableState(value_u),
                                    "policy_opt": policy_opt, "value_opt": value_opt}, guard_log)
+    # π_old's log-probs come with generation where they equal a full forward pass (fp32); under bf16 the
+    # KV-cached decode differs from it enough to skew the first ratios and KL, so scoring recomputes them.
+    logprobs_from_generation = generation_logprobs_exact(cfg.precision)
     chunk = max(p.mini_batch_size, 8)  # rows per no-grad scoring pass: bounds activation memory at large B
     bar = tqdm(total=p.iterations, initial=start, desc="ppo", disable=not main, dynamic_ncols=True)
 
@@ -263,9 +269,11 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
 
         # ---- 1. rollout ----
         idx = micro_batch_indices(len(texts), cfg.seed, it - 1, p.batch_size, world, rank)
-        prompt_ids, prompt_mask, response = generate(
-            policy_u, tokenizer, [texts[i] for i in idx], max_new_tokens=p.max_new_tokens,
-            temperature=p.temperature, top_p=p.top_p, max_prompt_length=p.max_prompt_length)
+        with accelerator.autocast():
+            gen = generate(policy_u, tokenizer, [texts[i] for i in idx], max_new_tokens=p.max_new_tokens,
+                           temperature=p.temperature, top_p=p.top_p, max_prompt_length=p.max_prompt_length,
+                           with_logprobs=logprobs_from_generation)
+        prompt_ids, prompt_mask, response = gen.prompt_ids, gen.prompt_mask, gen.response
         is_eos = (response == tokenizer.eos_token_id).int()
         mask = ((torch.cumsum(is_eos, 1) - is_eos) == 0).long()  # through the first EOS
         has_eos = is_eos.bool().any(1)
@@ -278,10 +286,12 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
         # ---- 2. score ----
         def score_chunk(s):
             args = (input_ids[s], attention[s], positions[s])
-            logits = policy_logits(policy_u, *args, R, p.temperature)
-            logp = logprobs_from_logits(logits, response[s])
-            ent = entropy_from_logits(logits)
-            del logits
+            if logprobs_from_generation:
+                logp, ent = gen.logprobs[s], gen.entropy[s]
+            else:
+                logits = policy_logits(policy_u, *args, R, p.temperature)
+                logp, ent = logprobs_from_logits(logits, response[s]), entropy_from_logits(logits)
+                del logits
             ref_model, ref_ctx = reference_context(models, policy_u)
             with ref_ctx:
                 ref_logp = logprobs_from_logits(policy_logits(ref_model, *args, R, p.temperature), response[s])
@@ -414,7 +424,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     summary = {"reward_mean": last.get("score_raw_mean"), "score_mean": last.get("score_mean"),
                "kl": last.get("kl"), "kl_coef": kl_ctl.value, "iterations": p.iterations,
                "resumed_from": resumed_from, "spike_events": guard.events,
-               "wall_s": round(time.time() - t_start, 2)}
+               "wall_s": round(time.time() - t_start, 2), **runtime_info(cfg.precision)}
     if main:
         write_summary(run_dir, "ppo", summary)
     logger.close()

@@ -23,6 +23,7 @@ from stages.common import StageError, resolve_input_model
 from stages.common import list_checkpoints as common_list_checkpoints
 from stages.config import RunConfig
 from stages.models import load_causal_lm, load_reward_model
+from stages.runtime import autocast_layout
 from stages.trainloop import apply_lora
 
 CKPT_PREFIX = "iter-"
@@ -100,7 +101,6 @@ def _frozen(model):
 
 def load_models(cfg: RunConfig, run_dir: Path, pad_token_id: int, log=print) -> PPOModels:
     p, trc = cfg.ppo, cfg.trust_remote_code
-    frozen_dtype = cfg.precision  # never trained, so they may live in the low-precision dtype
     policy_path = resolve_input_model(run_dir, p.policy, "ppo.policy")
     reward_path = None if p.reward_fn else resolve_input_model(run_dir, p.reward_model, "ppo.reward_model")
 
@@ -109,7 +109,9 @@ def load_models(cfg: RunConfig, run_dir: Path, pad_token_id: int, log=print) -> 
     if p.lora.enabled:
         policy = apply_lora(policy, p.lora, "CAUSAL_LM")
     else:
-        ref = _frozen(load_causal_lm(policy_path, frozen_dtype, trc))
+        # Never trained: matmul weights in the autocast dtype, so the reference computes exactly what
+        # the (fp32-master) policy computes under autocast, and KL is 0 before the first update.
+        ref = _frozen(autocast_layout(load_causal_lm(policy_path, "fp32", trc), cfg.precision))
     policy.eval()  # PPO wants no dropout: ratios must be exactly 1 before the first update
 
     zero_head = False
@@ -134,7 +136,8 @@ def load_models(cfg: RunConfig, run_dir: Path, pad_token_id: int, log=print) -> 
         if p.value_lora.enabled and value_path == reward_path:
             shared = True
         else:
-            reward = _frozen(load_reward_model(reward_path, frozen_dtype, trc, pad_token_id=pad_token_id))
+            reward = _frozen(autocast_layout(load_reward_model(reward_path, "fp32", trc, pad_token_id=pad_token_id),
+                                             cfg.precision))
     return PPOModels(policy, ref, value, reward, shared, policy_path, reward_path, value_path)
 
 

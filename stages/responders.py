@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from stages.common import StageError, is_main_process, mask_after_eos, render_prompts, resolve_input_model, stage_dir
 from stages.config import Decoding, RunConfig
 from stages.models import load_causal_lm, load_tokenizer
+from stages.runtime import autocast, autocast_layout
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASELINE = "baseline"
@@ -148,7 +149,8 @@ class Responder:
                  trust_remote_code: bool = False):
         self.name, self.model_path, self.decoding = name, model_path, decoding
         self.tokenizer = load_tokenizer(model_path, trust_remote_code)
-        self.model = load_causal_lm(model_path, precision, trust_remote_code).eval()
+        self.precision = precision
+        self.model = autocast_layout(load_causal_lm(model_path, "fp32", trust_remote_code), precision).eval()
         self._prefix = None  # (token ids, KV cache) of the prompt prefix all rows share; see _shared_prefix
 
     def render(self, conversation: list[dict]) -> str:
@@ -207,7 +209,7 @@ class Responder:
             cache = copy.deepcopy(prefix[1])
             cache.batch_repeat_interleave(len(rows))
             kwargs["past_key_values"] = cache
-        with torch.no_grad():
+        with torch.no_grad(), autocast(self.precision, self.model.device):
             out = self.model.generate(input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device),
                                       **kwargs)
         if not with_logprobs:
@@ -234,7 +236,7 @@ class Responder:
         if n < MIN_SHARED_PREFIX:
             return None
         ids = rows[0][:n]
-        with torch.no_grad():
+        with torch.no_grad(), autocast(self.precision, self.model.device):
             cache = self.model(torch.tensor([ids], device=self.model.device), use_cache=True).past_key_values
         self._prefix = (ids, cache)
         return self._prefix

@@ -26,6 +26,7 @@ import torch
 from stages.common import (MetricsLogger, StageError, render_prompts, resolve_input_model, stage_dir, stage_main,
                            write_stage_config, write_summary)
 from stages.config import RunConfig
+from stages.runtime import resolved, runtime_info
 from stages.reward_loss import build_comparisons, grouped_bt_loss, pair_gaps, preference_metrics
 from stages.trainloop import (Batch, LossOut, apply_lora, chunks, eval_shard, export_lora, fit, freeze_lower_layers,
                               make_accelerator, save_hf_model, split_items)
@@ -153,6 +154,7 @@ def evaluate_groups(model, groups, accelerator, batch_size: int, pad_id: int, us
 # ---- stage ----
 
 def run(cfg: RunConfig, run_dir: Path) -> dict:
+    cfg = resolved(cfg)  # precision "auto" made concrete for this machine
     from accelerate.utils import set_seed
 
     from data_schemas.loaders import load_preferences
@@ -211,7 +213,8 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
                "train_loss": results["train_loss"], "steps": results["steps"], "resumed_from": results["resumed_from"],
                "train_groups": len(train), "eval_groups": len(evals), "init_from": init,
                "wall_s": round(time.time() - t_start, 2), "world_size": results["world_size"],
-               "items_per_rank": results["items_per_rank"], "spike_events": results["spike_events"]}
+               "items_per_rank": results["items_per_rank"], "spike_events": results["spike_events"],
+               **runtime_info(cfg.precision)}
     if accelerator.is_main_process:
         write_summary(run_dir, "reward", summary)
     logger.close()

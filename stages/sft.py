@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from stages.common import MetricsLogger, StageError, stage_dir, stage_main, write_stage_config, write_summary
 from stages.config import RunConfig
+from stages.runtime import resolved, runtime_info
 from stages.trainloop import (Batch, LossOut, apply_lora, chunks, eval_shard, export_lora, fit, make_accelerator,
                               save_hf_model, split_items)
 
@@ -111,6 +112,7 @@ def _device(model):
 # ---- stage ----
 
 def run(cfg: RunConfig, run_dir: Path) -> dict:
+    cfg = resolved(cfg)  # precision "auto" made concrete for this machine
     from accelerate.utils import set_seed
 
     from data_schemas.loaders import load_demonstrations
@@ -180,7 +182,8 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     summary = {"train_loss": results["train_loss"], "eval_loss": results.get("eval_loss"), "steps": results["steps"],
                "resumed_from": results["resumed_from"], "train_examples": len(train), "eval_examples": len(evals),
                "wall_s": round(time.time() - t_start, 2), "world_size": results["world_size"],
-               "items_per_rank": results["items_per_rank"], "spike_events": results["spike_events"]}
+               "items_per_rank": results["items_per_rank"], "spike_events": results["spike_events"],
+               **runtime_info(cfg.precision)}
     if accelerator.is_main_process:
         write_summary(run_dir, "sft", summary)
     logger.close()

@@ -69,6 +69,12 @@ def make_accelerator(cfg: RunConfig):
     # Several processes but no GPU (`accelerate launch --multi_gpu` on a CPU machine): accelerate only
     # forms the gloo process group in its CPU mode; without it every rank would train alone as world 1.
     cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed:
+        # A second stage in the same process (tests, notebooks) at another precision: accelerate keeps one
+        # global state and refuses to change it. The process group (PartialState) is kept.
+        AcceleratorState._reset_state(reset_partial_state=False)
     try:
         return Accelerator(mixed_precision=mixed, cpu=cpu_ddp)
     except ValueError as e:

@@ -34,7 +34,7 @@ def test_overrides_apply_and_are_typed():
         ("ppo.kl_coef=lots", "'ppo.kl_coef': Input should be a valid number"),
         ("ppo.kl_estimator=k2", "'ppo.kl_estimator': Input should be 'k1' or 'k3'"),
         ("ppo.batch_size=6", "mini_batch_size (4) must divide batch_size (6)"),
-        ("precision=fp8", "'precision': Input should be 'fp32', 'bf16' or 'fp16'"),
+        ("precision=fp8", "'precision': Input should be 'auto', 'fp32', 'bf16' or 'fp16'"),
         ("nmae=x", "unknown key 'nmae' (did you mean 'name'?)"),
         ("ppo.kl_coef", "must look like key.path=value"),
     ],

@@ -42,6 +42,13 @@ def test_full_run_writes_the_contract(tiny_run):
         assert (run_dir / s / "metrics.jsonl").stat().st_size > 0
     assert (run_dir / "compare" / "report.html").exists() and (run_dir / "compare" / "report.md").exists()
     assert not list(run_dir.rglob("*.tmp")) and not list(run_dir.rglob(".*.partial"))
+    # every stage records the precision and intra-op threads it really ran with (one process each here)
+    from stages.runtime import intra_op_threads, resolve_precision
+
+    for s in STAGES:
+        metrics = manifest["stages"][s]["metrics"]
+        assert metrics["precision"] == resolve_precision("auto"), s
+        assert metrics["threads"] == intra_op_threads(1), s
     # the final summary table names every stage
     for s in STAGES:
         assert f"\n{s} " in proc.stdout

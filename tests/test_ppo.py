@@ -143,6 +143,22 @@ def test_scoring_pass_matches_the_training_pass(tmp_path, upstream):
     assert row["clipfrac"] == 0.0 and row["value_clipfrac"] == 0.0
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_first_iteration_kl_is_zero_under_every_precision(tmp_path, upstream, precision):
+    """Before any update the policy is the reference, so KL must be 0: exactly under bf16 (the frozen
+    reference computes what the fp32-master policy computes under autocast), and within generation's
+    fp32 rounding (FP32_GENERATION_TOL per token) where π_old's log-probs come from generation."""
+    from test_precision import FP32_GENERATION_TOL
+
+    cfg, run_dir = make_run(tmp_path, upstream, iterations=1)
+    ppo.run(cfg.model_copy(update={"precision": precision}), run_dir)
+    row = _rows(run_dir)[0]
+    tol = 0.0 if precision == "bf16" else FP32_GENERATION_TOL * TINY_PPO["max_new_tokens"]
+    assert abs(row["kl"]) <= tol, row["kl"]
+    summary = json.loads((run_dir / "ppo" / "summary.json").read_text())
+    assert summary["precision"] == precision and summary["threads"] == torch.get_num_threads()
+
+
 # ---- LoRA: one base copy ----
 
 def test_lora_reference_is_the_adapter_disabled_policy(tmp_path, upstream, monkeypatch):

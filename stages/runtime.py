@@ -1,0 +1,132 @@
+"""How a stage uses the machine: the precision it computes in and the threads it runs on.
+
+Precision (`precision:` in a config):
+  - `auto` (the default) is bf16 mixed precision where the device does bf16 natively (a CUDA GPU
+    that supports it, or a CPU with AVX512-BF16 or AMX, as torch itself reports), fp32 otherwise.
+  - bf16 means autocast: trainable weights, optimizer state, log-softmax, log-prob ratios,
+    advantages, KL and losses stay fp32; matmuls run in bf16. A frozen model (PPO's reference and
+    reward model, every generation-only model) keeps its matmul weights in bf16 and the rest in fp32
+    (`autocast_layout`), so under autocast it computes exactly what the fp32-master trainable copy
+    computes, at about half the memory and without re-casting its weights on every call.
+
+Threads: `accelerate launch` gives a single process one intra-op thread unless told otherwise; the
+launcher (pipeline/launcher.py) passes `intra_op_threads()` per process, and every summary records
+what the stage actually ran with (`runtime_info`).
+"""
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def cpu_bf16_native() -> bool:
+    """torch's own check for bf16 matmul hardware on this CPU (AVX512-BF16 or AMX tiles)."""
+    import torch
+
+    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(bool(check()) for check in checks if check is not None)
+
+
+def resolve_precision(requested: str) -> str:
+    """'auto' -> 'bf16' where the device does bf16 natively, else 'fp32'; anything else as given."""
+    if requested != "auto":
+        return requested
+    import torch
+
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_bf16_native() else "fp32"
+
+
+def resolved(cfg):
+    """The run config with `precision` made concrete for this machine (stages call this first, so
+    what they record and fingerprint is what they ran)."""
+    precision = resolve_precision(cfg.precision)
+    return cfg if precision == cfg.precision else cfg.model_copy(update={"precision": precision})
+
+
+def torch_dtype(precision: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[resolve_precision(precision)]
+
+
+def autocast(precision: str, device):
+    """The autocast context for a concrete precision on `device` (a no-op for fp32)."""
+    import torch
+
+    precision = resolve_precision(precision)
+    if precision == "fp32":
+        return nullcontext()
+    dev = device.type if hasattr(device, "type") else str(device)
+    return torch.autocast(dev, dtype=torch_dtype(precision))
+
+
+def autocast_layout(model, precision: str):
+    """Prepare a frozen model for autocast: every Linear weight and bias in the low-precision dtype,
+    embeddings and norms in fp32. Autocast would cast the Linear weights to that dtype on every
+    call anyway (it caches casts only for trainable weights), so results are unchanged. An output
+    projection tied to the input embeddings gets its own cast copy, leaving the embedding fp32."""
+    import torch
+
+    precision = resolve_precision(precision)
+    model.requires_grad_(False)
+    if precision == "fp32":
+        return model
+    dtype = torch_dtype(precision)
+    embedding = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
+    for module in model.modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        if module.weight is embedding:
+            module.weight = torch.nn.Parameter(embedding.detach().to(dtype), requires_grad=False)
+        else:
+            module.weight.data = module.weight.data.to(dtype)
+        if module.bias is not None:
+            module.bias.data = module.bias.data.to(dtype)
+    return model
+
+
+def generation_logprobs_exact(precision: str) -> bool:
+    """Whether log-probs read from generation's KV-cached logits may stand in for a full forward pass.
+    In fp32 the two agree within 1e-4 nats per token; under bf16 they differ by up to ~0.2 nats (SmolLM2,
+    measured), enough to make a first PPO ratio or a same-model KL visibly non-zero."""
+    return resolve_precision(precision) == "fp32"
+
+
+# ---- threads ----
+
+def available_cores() -> int:
+    """Physical cores this process may run on (its CPU affinity, capped by the physical core count)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        import psutil
+
+        physical = psutil.cpu_count(logical=False)
+        if physical:
+            cores = min(cores, physical)
+    except ImportError:
+        pass
+    return max(1, cores)
+
+
+def intra_op_threads(processes_on_node: int) -> int:
+    """Threads per stage process: the user's OMP_NUM_THREADS if set, else the node's cores split
+    evenly over its processes."""
+    user = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if user.isdigit() and int(user) > 0:
+        return int(user)
+    return max(1, available_cores() // max(1, processes_on_node))
+
+
+def runtime_info(precision: str) -> dict:
+    """What a stage ran with, for its summary (and so the manifest)."""
+    import torch
+
+    return {"precision": resolve_precision(precision), "threads": torch.get_num_threads(),
+            "device": "cuda" if torch.cuda.is_available() else "cpu"}
