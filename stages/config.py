@@ -29,7 +29,8 @@ class GuardConfig(Section):
     spike_factor: float = Field(4.0, gt=1, description="spike if loss > factor x running median")
     window: int = Field(20, ge=3, description="running-median window, in steps")
     min_history: int = Field(5, ge=1, description="steps seen before spikes are judged")
-    snapshot_every: int = Field(10, ge=1, description="steps between in-memory good snapshots")
+    snapshot_every: int = Field(10, ge=1, description="SFT/RM: steps between in-memory good snapshots "
+                                "(PPO rolls back to its last checkpoint on disk instead)")
     skip_batches: int = Field(10, ge=0, description="batches skipped after a rollback")
     max_events: int = Field(5, ge=1, description="give up after this many spikes")
     max_kl: float = Field(50.0, gt=0, description="PPO: spike if mean KL (nats) exceeds this")

@@ -3,7 +3,11 @@
 PaLM's recipe, automated: on a spike (loss far above its running median, a non-finite loss or
 gradient norm, or PPO's KL / policy ratio beyond bounds) restore the last good snapshot, skip the
 next batches (the data around a spike is often the cause), log the event, continue; give up after
-`max_events`. Snapshots are in-memory copies on CPU, taken every `snapshot_every` good steps.
+`max_events`. Where the good state comes from is the caller's choice:
+  - in-memory snapshots (the default): CPU copies of `objects`, taken every `snapshot_every` good steps;
+  - `restore`: a callable that loads a good state from elsewhere and returns its step. PPO uses the
+    last on-disk checkpoint: its trainable state and optimizers are ~3 GB for a 135M policy + value,
+    which a snapshot would copy (and hold) again and again for a rollback that is rare.
 
 Loop contract:
     if guard.should_skip(): continue                       # per batch, after a rollback
@@ -18,6 +22,7 @@ import copy
 import math
 from collections import deque
 from statistics import median
+from typing import Callable
 
 from stages.common import StageError
 from stages.config import GuardConfig
@@ -65,17 +70,20 @@ def spike_reason(cfg: GuardConfig, history: list[float], loss: float, grad_norm:
 
 
 class SpikeGuard:
-    def __init__(self, cfg: GuardConfig, objects: dict, logger=None, manifest_events: list | None = None):
-        """objects: name -> anything with state_dict()/load_state_dict() (model, optimizer, scheduler)."""
+    def __init__(self, cfg: GuardConfig, objects: dict, logger=None, manifest_events: list | None = None,
+                 restore: Callable[[], int] | None = None):
+        """objects: name -> anything with state_dict()/load_state_dict() (model, optimizer, scheduler),
+        snapshotted in memory; or, with `restore`, nothing is snapshotted and a rollback calls it."""
         self.cfg = cfg
-        self.objects = {k: v for k, v in objects.items() if v is not None}
+        self.restore = restore
+        self.objects = {} if restore is not None else {k: v for k, v in objects.items() if v is not None}
         self.logger = logger
         self.history: deque[float] = deque(maxlen=cfg.window)
         self.events: list[dict] = [] if manifest_events is None else manifest_events
         self._skip_left = 0
         self._snapshot = None
         self._snapshot_step = None
-        if cfg.enabled:
+        if cfg.enabled and restore is None:
             self._take_snapshot(0)
 
     def _take_snapshot(self, step: int) -> None:
@@ -103,20 +111,28 @@ class SpikeGuard:
         return False
 
     def _rollback(self, step: int, reason: str) -> None:
-        event = {"event": "spike", "step": step, "reason": reason, "restored_step": self._snapshot_step,
+        if len(self.events) + 1 > self.cfg.max_events:
+            self._record(step, reason, None)
+            raise StageError(f"spike guard gave up after {len(self.events)} spikes (last at step {step}: {reason}); "
+                             "lower the learning rate or raise guard.max_events")
+        if self.restore is not None:
+            restored = self.restore()
+        else:
+            for name, obj in self.objects.items():
+                # A copy: an optimizer's load_state_dict keeps same-device tensors as they are, so loading the
+                # snapshot itself would let the next steps update it in place (and reuse it as a buffer).
+                obj.load_state_dict(_cpu_copy(self._snapshot[name]))
+            restored = self._snapshot_step
+        self._record(step, reason, restored)
+        self._skip_left = self.cfg.skip_batches
+
+    def _record(self, step: int, reason: str, restored_step: int | None) -> None:
+        event = {"event": "spike", "step": step, "reason": reason, "restored_step": restored_step,
                  "skip_batches": self.cfg.skip_batches}
         self.events.append(event)
         if self.logger is not None:
             self.logger.log(step, **event)
-        if len(self.events) > self.cfg.max_events:
-            raise StageError(f"spike guard gave up after {len(self.events)} spikes (last at step {step}: {reason}); "
-                             "lower the learning rate or raise guard.max_events")
-        for name, obj in self.objects.items():
-            # A copy: an optimizer's load_state_dict keeps same-device tensors as they are, so loading the
-            # snapshot itself would let the next steps update it in place (and reuse it as a buffer).
-            obj.load_state_dict(_cpu_copy(self._snapshot[name]))
-        self._skip_left = self.cfg.skip_batches
 
     def after_step(self, step: int) -> None:
-        if self.cfg.enabled and step % self.cfg.snapshot_every == 0:
+        if self.cfg.enabled and self.restore is None and step % self.cfg.snapshot_every == 0:
             self._take_snapshot(step)

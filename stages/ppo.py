@@ -37,7 +37,7 @@ from stages.ppo_math import (
     masked_mean, masked_whiten,
 )
 from stages.ppo_models import (
-    TrainableState, config_fingerprint, export_policy, list_checkpoints, load_checkpoint, load_models,
+    config_fingerprint, export_policy, list_checkpoints, load_checkpoint, load_models, load_trainable,
     load_reward_stats, policy_logits, reference_context, reward_scores, rng_state, save_checkpoint, trainable_params,
 )
 from stages.rewards import call_reward_fn, load_reward_fn
@@ -254,9 +254,26 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     if ema is not None:  # made (and maybe restored) before prepare() moved the policy
         ema = {n: t.to(device) for n, t in ema.items()}
     logger = MetricsLogger(run_dir, "ppo", enabled=main)
+    optimizers = {"policy": policy_opt, "value": value_opt}
+
+    def checkpoint(it: int) -> None:
+        rngs = gather_object([rng_state()])
+        if main:
+            save_checkpoint(ckpt_root, it, policy=policy_u, value=value_u, optimizers=optimizers, ema=ema,
+                            rng_per_rank=rngs, state={"optimizer_step": opt_step, "kl_ctl": kl_ctl.state_dict(),
+                                                      "fingerprint": fingerprint})
+        accelerator.wait_for_everyone()
+
+    def rollback() -> int:
+        """The spike guard's good state: the last checkpoint on disk (every rank loads it)."""
+        path = list_checkpoints(ckpt_root)[-1][1]
+        with reading_checkpoint(path):
+            return load_trainable(path, policy=policy_u, value=value_u, optimizers=optimizers)["optimizer_step"]
+
+    if cfg.guard.enabled and not list_checkpoints(ckpt_root):
+        checkpoint(0)  # the guard's first good state (a fresh start's resume point too)
     guard_log = _IterationLog(logger)
-    guard = SpikeGuard(cfg.guard, {"policy": TrainableState(policy_u), "value": TrainableState(value_u),
-                                   "policy_opt": policy_opt, "value_opt": value_opt}, guard_log)
+    guard = SpikeGuard(cfg.guard, {}, guard_log, restore=rollback)
     # π_old's log-probs come with generation where they equal a full forward pass (fp32); under bf16 the
     # KV-cached decode differs from it enough to skew the first ratios and KL, so scoring recomputes them.
     logprobs_from_generation = generation_logprobs_exact(cfg.precision)
@@ -407,13 +424,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
         bar.update(1)
         bar.set_postfix(score=f"{row['score_raw_mean']:.3f}", kl=f"{mean_kl:.2f}")
         if it % p.save_every == 0 or it == p.iterations:
-            rngs = gather_object([rng_state()])
-            if main:
-                save_checkpoint(ckpt_root, it, policy=policy_u, value=value_u,
-                                optimizers={"policy": policy_opt, "value": value_opt}, ema=ema, rng_per_rank=rngs,
-                                state={"optimizer_step": opt_step, "kl_ctl": kl_ctl.state_dict(),
-                                       "fingerprint": fingerprint})
-            accelerator.wait_for_everyone()
+            checkpoint(it)
     bar.close()
 
     # ---- export ----

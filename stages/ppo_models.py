@@ -249,24 +249,33 @@ def save_checkpoint(root: Path, iteration: int, *, policy, value, optimizers: di
     return final
 
 
-def load_checkpoint(path: Path, *, policy, value, optimizers: dict, ema: dict | None, rank: int) -> dict:
-    """Restore what save_checkpoint wrote (weights_only loads); returns state.json."""
+def load_trainable(path: Path, *, policy, value, optimizers: dict) -> dict:
+    """Restore the trainable weights and optimizer states of a checkpoint (what a spike-guard rollback
+    needs); returns state.json."""
     from safetensors.torch import load_file
 
     for name, module in (("policy", policy), ("value", value)):
         TrainableState(module).load_state_dict(load_file(str(path / f"{name}.safetensors")))
+    opt_states = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+    for k, o in optimizers.items():
+        o.load_state_dict(opt_states[k])
+    return json.loads((path / "state.json").read_text())
+
+
+def load_checkpoint(path: Path, *, policy, value, optimizers: dict, ema: dict | None, rank: int) -> dict:
+    """Restore what save_checkpoint wrote (weights_only loads); returns state.json."""
+    from safetensors.torch import load_file
+
+    state = load_trainable(path, policy=policy, value=value, optimizers=optimizers)
     if ema is not None:
         if not (path / "ema.safetensors").exists():
             raise StageError(f"checkpoint {path} has no EMA weights but ppo.ema_decay is set; delete it to start over")
         for n, t in load_file(str(path / "ema.safetensors")).items():
             ema[n].copy_(t)
-    opt_states = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
-    for k, o in optimizers.items():
-        o.load_state_dict(opt_states[k])
     ranks = torch.load(path / "rng.pt", weights_only=True)["ranks"]
     if rank < len(ranks):
         set_rng_state(ranks[rank])
-    return json.loads((path / "state.json").read_text())
+    return state
 
 
 # ---- export ----

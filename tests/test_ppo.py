@@ -159,6 +159,27 @@ def test_first_iteration_kl_is_zero_under_every_precision(tmp_path, upstream, pr
     assert summary["precision"] == precision and summary["threads"] == torch.get_num_threads()
 
 
+def test_spike_guard_rolls_back_to_the_last_checkpoint(tmp_path, upstream, monkeypatch):
+    """A spike (here any KL above a tiny bound) restores the last good state on disk: iteration 1 trains,
+    iteration 2's rollout has KL > bound, so policy and value go back to the iteration-0 checkpoint and
+    the rest of the iteration is skipped. bf16: iteration 1's KL is exactly 0, so it is not a spike."""
+    cfg, run_dir = make_run(tmp_path, upstream, iterations=2, lr=1e-3)
+    cfg = cfg.model_copy(update={"precision": "bf16", "guard": cfg.guard.model_copy(update={"max_kl": 1e-6})})
+    seen = capture_models(monkeypatch)
+    ppo.run(cfg, run_dir)
+    rows = read_metrics(run_dir, "ppo")
+    spikes = [r for r in rows if r.get("event") == "spike"]
+    assert len(spikes) == 1 and spikes[0]["step"] == 2 and spikes[0]["restored_step"] == 0
+    assert "KL" in spikes[0]["reason"]
+    it = {r["step"]: r for r in rows if "score_raw_mean" in r}
+    assert it[1]["kl"] == 0.0 and it[2]["kl"] > 1e-6 and it[2]["skipped_minibatches"] == 2
+    m = seen["models"]
+    for n, p in m.policy.named_parameters():  # iteration 1's update is undone, bit for bit
+        assert torch.equal(p, seen["policy0"][n]), n
+    for n, p in m.value.named_parameters():
+        assert torch.equal(p, seen["value0"][n]), n
+
+
 # ---- LoRA: one base copy ----
 
 def test_lora_reference_is_the_adapter_disabled_policy(tmp_path, upstream, monkeypatch):
