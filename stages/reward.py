@@ -18,7 +18,6 @@ uses to normalise rewards.
 from __future__ import annotations
 
 import time
-from itertools import accumulate
 from pathlib import Path
 
 import torch
@@ -29,7 +28,7 @@ from stages.config import RunConfig
 from stages.runtime import resolved, runtime_info
 from stages.reward_loss import build_comparisons, grouped_bt_loss, pair_gaps, preference_metrics
 from stages.trainloop import (Batch, LossOut, apply_lora, chunks, eval_shard, export_lora, fit, freeze_lower_layers,
-                              make_accelerator, save_hf_model, split_items)
+                              make_accelerator, pack_examples, save_hf_model, split_items)
 
 STATS_FILE = "reward_stats.json"
 
@@ -67,18 +66,33 @@ def collate_groups(groups, pad_id: int, padding_free: bool = False) -> Batch:
     """All replies of the groups, back to back, as one batch.
 
     Padded: input_ids, attention_mask (R, T), right-padded, R = total replies.
-    Padding-free: input_ids, position_ids (1, N), every reply's tokens concatenated with positions
-    restarting at 0 (transformers then masks block-diagonally), and ends (R,), the index of each
-    reply's last token, where its reward is read. No compute goes to padding.
+    Padding-free: input_ids, position_ids (K, W): the replies bin-packed, whole, into K rows no longer
+    than the longest reply (W), back to back with positions restarting at 0 (transformers then masks
+    block-diagonally); a row's unused tail is a segment of its own. ends (R,): the flat index (row·W +
+    column) of each reply's last token, where its reward is read. Rows as long as the longest reply,
+    not one row of all replies, keep the attention cost (quadratic in row length) near a padded
+    batch's, while almost no compute goes to padding.
     Both: comps, the Comparisons (indices into the R rewards); count = number of groups (the loss unit).
     """
     rows = [r for g, _ in groups for r in g]
     comps = build_comparisons([len(g) for g, _ in groups], [m for _, m in groups])
     if padding_free:
-        ends = torch.tensor(list(accumulate(len(r) for r in rows))) - 1
-        return Batch({"input_ids": torch.tensor([[t for r in rows for t in r]]),
-                      "position_ids": torch.tensor([[p for r in rows for p in range(len(r))]]),
-                      "ends": ends, "comps": comps}, count=len(groups))
+        bins = pack_examples([len(r) for r in rows], max(len(r) for r in rows))
+        width = max(sum(len(rows[i]) for i in b) for b in bins)
+        ids = torch.full((len(bins), width), pad_id)
+        pos = torch.zeros((len(bins), width), dtype=torch.long)
+        ends = torch.zeros(len(rows), dtype=torch.long)
+        for k, b in enumerate(bins):
+            at = 0
+            for i in b:
+                n = len(rows[i])
+                ids[k, at:at + n] = torch.tensor(rows[i])
+                pos[k, at:at + n] = torch.arange(n)
+                ends[i] = k * width + at + n - 1
+                at += n
+            pos[k, at:] = torch.arange(width - at)
+        return Batch({"input_ids": ids, "position_ids": pos, "ends": ends, "comps": comps,
+                      "num_tokens": sum(len(r) for r in rows)}, count=len(groups))
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -89,8 +103,9 @@ def collate_groups(groups, pad_id: int, padding_free: bool = False) -> Batch:
 
 
 def batch_tokens(batch: Batch) -> int:
+    """Real (non-padding) tokens of a batch."""
     t = batch.tensors
-    return int(t["attention_mask"].sum()) if "attention_mask" in t else t["input_ids"].numel()
+    return int(t["attention_mask"].sum()) if "attention_mask" in t else int(t["num_tokens"])
 
 
 def _score_head(model) -> torch.nn.Module:
@@ -117,7 +132,7 @@ def score(model, batch: Batch) -> torch.Tensor:
             model(input_ids=t["input_ids"].to(device), position_ids=t["position_ids"].to(device), use_cache=False)
         finally:
             hook.remove()
-        return per_token[-1][0, t["ends"].to(device), 0].float()
+        return per_token[-1].flatten(0, 1)[t["ends"].to(device), 0].float()
     out = model(input_ids=t["input_ids"].to(device), attention_mask=t["attention_mask"].to(device), use_cache=False)
     return out.logits[:, 0].float()
 

@@ -19,7 +19,7 @@ from stages.common import MetricsLogger, StageError, stage_dir, stage_main, writ
 from stages.config import RunConfig
 from stages.runtime import resolved, runtime_info
 from stages.trainloop import (Batch, LossOut, apply_lora, chunks, eval_shard, export_lora, fit, make_accelerator,
-                              save_hf_model, split_items)
+                              pack_examples, save_hf_model, split_items)
 
 IGNORE = -100
 
@@ -36,24 +36,6 @@ def tokenize_demonstration(tokenizer, messages, max_length: int) -> tuple[list[i
     if not any(m for m in mask[1:]):  # the first token is never predicted
         return None
     return ids, targets
-
-
-def pack_examples(lengths: list[int], max_length: int) -> list[list[int]]:
-    """First-fit-decreasing bins of example indices, each bin's total length <= max_length.
-    Examples are never split, so no sequence loses its context."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    bins: list[list[int]] = []
-    room: list[int] = []
-    for i in order:
-        for b, r in enumerate(room):
-            if lengths[i] <= r:
-                bins[b].append(i)
-                room[b] -= lengths[i]
-                break
-        else:
-            bins.append([i])
-            room.append(max_length - lengths[i])
-    return bins
 
 
 def collate_padding_free(examples: list[tuple[list[int], list[int]]]) -> Batch:

@@ -60,6 +60,22 @@ def test_kwise_group_batch_layout(tiny_model_dir):
     assert comps.margin.tolist() == [0.5] + [0.0] * 6
 
 
+def test_padding_free_packs_whole_replies_into_rows_of_the_longest():
+    from stages.reward import batch_tokens, collate_groups
+
+    replies = [[1] * 10, [2] * 3, [3] * 4, [4] * 6, [5] * 2, [6] * 7]  # 3 pairs
+    groups = [(replies[i:i + 2], None) for i in range(0, 6, 2)]
+    b = collate_groups(groups, pad_id=0, padding_free=True)
+    ids, pos, ends = b.tensors["input_ids"], b.tensors["position_ids"], b.tensors["ends"]
+    assert ids.shape == (4, 10)  # 32 tokens in rows of 10: first-fit decreasing needs 4, not 6 padded rows
+    flat_ids, flat_pos = ids.flatten(), pos.flatten()
+    for r, end in zip(replies, ends.tolist()):  # each reply whole, contiguous, ending where its reward is read
+        n = len(r)
+        assert flat_ids[end - n + 1:end + 1].tolist() == r
+        assert flat_pos[end - n + 1:end + 1].tolist() == list(range(n))
+    assert batch_tokens(b) == 32  # real tokens only, as in a padded batch
+
+
 @pytest.mark.parametrize("lora", [False, True])
 def test_padding_free_rewards_and_loss_equal_padded(tiny_model_dir, lora):
     from data_schemas.records import PreferencePair, Ranking
@@ -80,8 +96,9 @@ def test_padding_free_rewards_and_loss_equal_padded(tiny_model_dir, lora):
         model = apply_lora(model, LoRAConfig(enabled=True, r=4), "SEQ_CLS")
     model.eval()
     pf, pb = collate_groups(groups, tok.pad_token_id, True), collate_groups(groups, tok.pad_token_id, False)
-    assert pf.tensors["input_ids"].shape == (1, sum(len(r) for g, _ in groups for r in g))
-    assert pb.tensors["input_ids"].shape[0] == 6 and pf.tensors["ends"].tolist()[-1] == pf.tensors["input_ids"].shape[1] - 1
+    lengths = [len(r) for g, _ in groups for r in g]
+    assert pf.tensors["input_ids"].shape[1] == max(lengths)  # rows no longer than the longest reply
+    assert pb.tensors["input_ids"].shape[0] == 6 and len(pf.tensors["ends"]) == 6
     with torch.no_grad():
         a, b = score(model, pf), score(model, pb)
         la, lb = make_loss_fn(True)(model, pf), make_loss_fn(True)(model, pb)
