@@ -75,6 +75,7 @@ class SpikeGuard:
         self._skip_left = 0
         self._snapshot = None
         self._snapshot_step = None
+        self._good_since_rollback = 0
         if cfg.enabled:
             self._take_snapshot(0)
 
@@ -116,7 +117,19 @@ class SpikeGuard:
             # snapshot itself would let the next steps update it in place (and reuse it as a buffer).
             obj.load_state_dict(_cpu_copy(self._snapshot[name]))
         self._skip_left = self.cfg.skip_batches
+        self._good_since_rollback = 0
 
     def after_step(self, step: int) -> None:
+        self._good_since_rollback += 1
         if self.cfg.enabled and step % self.cfg.snapshot_every == 0:
             self._take_snapshot(step)
+
+    def finish(self) -> None:
+        """Called when training ends: a run whose last spike was never followed by a good step ends
+        on a restored snapshot, i.e. the guard gave up on training. That fails the stage instead of
+        exporting the snapshot as if it were the trained model."""
+        if self.events and self._good_since_rollback == 0:
+            last = self.events[-1]
+            raise StageError(f"spike guard: training ended without a good step after the last spike (step "
+                             f"{last['step']}: {last['reason']}); the model is still the snapshot of step "
+                             f"{last['restored_step']}: lower the learning rate")

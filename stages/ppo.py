@@ -405,6 +405,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
                                        "fingerprint": fingerprint})
             accelerator.wait_for_everyone()
     bar.close()
+    guard.finish()
 
     # ---- export ----
     if main:
