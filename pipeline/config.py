@@ -129,6 +129,8 @@ def load_config(path: str | Path | None, overrides: list[str] = (), schema: type
     source = str(path) if path else "<defaults>"
     if path:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"config error: {source}: is a folder, not a config file")
         if not p.is_file():
             raise ConfigError(f"config error: {source}: no such file")
         try:

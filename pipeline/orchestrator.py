@@ -56,7 +56,9 @@ def stage_hashes(cfg) -> dict[str, str]:
             own["ptx_data"] = dumped["sft"]["data"]
         if stage == "baseline":
             prompt = Path(cfg.baseline.prompt_file)
-            own["prompt_text"] = prompt.read_text(encoding="utf-8") if prompt.is_file() else cfg.baseline.prompt_file
+            # errors="replace": a file that is not UTF-8 is reported by pre-flight, in one line, not here
+            own["prompt_text"] = (prompt.read_bytes().decode("utf-8", errors="replace") if prompt.is_file()
+                                  else cfg.baseline.prompt_file)
         own["upstream"] = {u: hashes[u] for u in upstream(cfg, stage)}
         hashes[stage] = config_hash(own)
     return hashes
@@ -156,7 +158,7 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def run_stage_process(cmd: list[str], env: dict) -> tuple[int, str | None, bool]:
+def run_stage_process(cmd: list[str], env: dict, pass_fds: tuple[int, ...] = ()) -> tuple[int, str | None, bool]:
     """Run one stage launch; return (exit code, the stage's one-line error if it printed one, interrupted).
 
     The stage writes its one-line error to RLHF_STAGE_ERROR_FILE, a temp file outside the run folder
@@ -166,7 +168,8 @@ def run_stage_process(cmd: list[str], env: dict) -> tuple[int, str | None, bool]
     os.close(fd)
     interrupted = False
     try:
-        proc = subprocess.Popen(cmd, env={**env, "RLHF_STAGE_ERROR_FILE": err_path}, preexec_fn=_ignore_sigint)
+        proc = subprocess.Popen(cmd, env={**env, "RLHF_STAGE_ERROR_FILE": err_path}, preexec_fn=_ignore_sigint,
+                                pass_fds=pass_fds)
         while True:
             try:
                 code = proc.wait()
@@ -222,13 +225,14 @@ def run_pipeline(cfg, stages=None, from_stage=None, force=False, dry_run=False, 
         if primary:
             lock = RunLock(run_dir).acquire()
     try:
-        return _run_locked(cfg, run_dir, selected, hashes, force, dry_run, config_path, primary)
+        return _run_locked(cfg, run_dir, selected, hashes, force, dry_run, config_path, primary,
+                           () if lock is None else (lock.fd,))
     finally:
         if lock is not None:
             lock.release()
 
 
-def _run_locked(cfg, run_dir: Path, selected, hashes, force, dry_run, config_path, primary) -> int:
+def _run_locked(cfg, run_dir: Path, selected, hashes, force, dry_run, config_path, primary, lock_fds) -> int:
     plan = []
     for s in selected:
         done = read_done(run_dir, s)
@@ -258,7 +262,7 @@ def _run_locked(cfg, run_dir: Path, selected, hashes, force, dry_run, config_pat
         manifest.update(s, status="running", config_hash=hashes[s])
         print(f"\n==== {s} ====", flush=True)
         t0 = time.time()
-        rc, error, interrupted = run_stage_process(stage_command(cfg.launch, s, run_dir), stage_env())
+        rc, error, interrupted = run_stage_process(stage_command(cfg.launch, s, run_dir), stage_env(), lock_fds)
         wall = time.time() - t0
         if interrupted or rc != 0:
             _remove_partial_outputs(sdir)

@@ -61,6 +61,12 @@ class RunLock:
         self._fd = fd
         return self
 
+    @property
+    def fd(self) -> int | None:
+        """The locked descriptor; handed to the stage launcher (pass_fds) so that a stage outliving a
+        killed `rlhf run` keeps the folder locked until it ends too."""
+        return self._fd
+
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor drops the flock
