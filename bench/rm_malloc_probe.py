@@ -63,7 +63,11 @@ def main() -> None:
     print(f"{len(groups)} groups; threads {torch.get_num_threads()}; MALLOC env: "
           f"{ {k: v for k, v in os.environ.items() if k.startswith('MALLOC')} }", flush=True)
     print("step  tokens  RSS_GiB  live_tensors  heap_in_use_GiB  heap_free_GiB  mmapped_GiB")
+    import time
+
+    t_train = 0.0
     for step in range(1, args.steps + 1):
+        t0 = time.perf_counter()
         idx = order[(step - 1) * args.batch_size: step * args.batch_size]
         batch = collate_groups([groups[i] for i in idx], tok.pad_token_id, padding_free=True)
         model.train()
@@ -74,6 +78,7 @@ def main() -> None:
         del out, batch
         if args.trim:
             libc.malloc_trim(0)
+        t_train += time.perf_counter() - t0
         if step % args.every == 0 or step == 1:
             gc.collect()
             rss = proc.memory_info().rss / gib
@@ -85,7 +90,9 @@ def main() -> None:
     # Trimming only at the end, so it cannot change the run it measures.
     before = proc.memory_info().rss / gib
     libc.malloc_trim(0)
-    print(f"end: RSS {before:.2f} GiB, after malloc_trim(0) {proc.memory_info().rss / gib:.2f} GiB", flush=True)
+    print(f"end: RSS {before:.2f} GiB, after malloc_trim(0) {proc.memory_info().rss / gib:.2f} GiB; "
+          f"training {t_train / args.steps:.2f} s/step (CPU {proc.cpu_times().user + proc.cpu_times().system:.0f} s in all)",
+          flush=True)
 
 
 if __name__ == "__main__":

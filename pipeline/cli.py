@@ -123,16 +123,16 @@ def main(argv: list[str] | None = None) -> None:
         msg = str(e)
         print(msg if msg.startswith(("config error", "error")) else f"error: {msg}", file=sys.stderr)
         code = 2
+    except BrokenPipeError:  # `rlhf config show | head`: the reader left, nothing is wrong
+        # Point stdout at devnull so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
     except OSError as e:  # the filesystem: a full disk, a read-only or missing folder
         print(f"error: {os_error_line(e)}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = 130
-    except BrokenPipeError:  # `rlhf config show | head`: the reader left, nothing is wrong
-        # Point stdout at devnull so the interpreter's final flush does not raise again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        code = 0
     sys.exit(code)
 
 
