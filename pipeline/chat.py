@@ -29,6 +29,9 @@ def resolve_target(model_arg: str) -> tuple[str, Path | None, str]:
             if (model / "config.json").exists():
                 return str(model), path, stage
         raise StageError(f"{path} is a run folder with no ppo or sft model yet: run `rlhf sft` (and `rlhf ppo`) first")
+    from pipeline.preflight import check_model_ref
+
+    check_model_ref(model_arg, "chat")  # a missing folder or an offline hub name: one line, at once
     return model_arg, None, model_label(model_arg)
 
 
