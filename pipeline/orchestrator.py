@@ -28,8 +28,8 @@ ATTEMPT = ".attempt.json"
 # What a stage may write into its folder; `--force` and a config change remove these and nothing else,
 # so a user's own file in runs/<name>/<stage>/ survives.
 STAGE_OUTPUTS = ("config.yaml", "metrics.jsonl", "summary.json", "model", "adapter", "checkpoints", "tensorboard",
-                 "samples.jsonl", "generations.jsonl", "generations", "metrics.json", "report.md", "report.html",
-                 "plots", "DONE", ATTEMPT)
+                 "samples.jsonl", "generations.jsonl", "generation_settings.json", "prompt.txt", "generations",
+                 "metrics.json", "report.md", "report.html", "plots", "DONE", ATTEMPT)
 
 
 def upstream(cfg, stage: str) -> list[str]:
