@@ -20,11 +20,19 @@ def ensure_dir(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
 
 
+def _file_mode() -> int:
+    """What open() would give a new file: 0o666 less the umask (mkstemp's own 0o600 is for secrets)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     ensure_dir(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

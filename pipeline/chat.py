@@ -61,6 +61,10 @@ def chat_main(args) -> int:
     import torch
 
     model_path, run_dir, label = resolve_target(args.model)
+    if run_dir is None:
+        from pipeline.preflight import check_model_ref
+
+        check_model_ref(model_path, "chat")  # a missing folder or an offline hub name: one line, at once
     cfg = load_chat_config(args.config, run_dir, model_path)
     if args.max_new_tokens < 1:
         raise StageError("--max-new-tokens must be at least 1")

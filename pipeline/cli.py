@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from pipeline.config import ConfigError
@@ -15,16 +16,25 @@ STAGE_HELP = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (`rlhf run: error: ...`) and exit code 2, like every
+    other error of the CLI; `--help` still prints the full usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="run config YAML, e.g. configs/quickstart.yaml")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. ppo.kl_coef=0.05 name=exp2")
+    # default=[]: without it argparse lists an empty `nargs="*"` positional as a required argument.
+    p.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. ppo.kl_coef=0.05 name=exp2")
     p.add_argument("--force", action="store_true", help="re-run the selected stages even if done and unchanged")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="rlhf", description="InstructGPT-style RLHF: SFT -> reward model -> PPO, "
+    ap = OneLineParser(prog="rlhf", description="InstructGPT-style RLHF: SFT -> reward model -> PPO, "
                                  "plus a dialogue-prompted baseline and a comparison report.")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
 
     p = sub.add_parser("run", help="run the pipeline: sft -> reward -> ppo -> baseline -> compare")
     _add_run_args(p)
@@ -47,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, h in (("show", "print the resolved config"), ("validate", "validate a config and exit")):
         cp = csub.add_parser(name, help=h)
         cp.add_argument("config")
-        cp.add_argument("overrides", nargs="*")
+        cp.add_argument("overrides", nargs="*", default=[])
 
     from pipeline import data_cli
 
@@ -113,6 +123,10 @@ def main(argv: list[str] | None = None) -> None:
         msg = str(e)
         print(msg if msg.startswith(("config error", "error")) else f"error: {msg}", file=sys.stderr)
         code = 2
+    except BrokenPipeError:  # `rlhf config show | head`: the reader left, nothing is wrong
+        # Point stdout at devnull so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
     except OSError as e:  # the filesystem: a full disk, a read-only or missing folder
         print(f"error: {os_error_line(e)}", file=sys.stderr)
         code = 2

@@ -38,6 +38,29 @@ class PipelineConfig(RunConfig):
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def load_yaml_unique(text: str):
+    """yaml.safe_load, but a duplicate key is an error."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
     node = data
     parts = dotted.split(".")
@@ -106,18 +129,21 @@ def load_config(path: str | Path | None, overrides: list[str] = (), schema: type
     source = str(path) if path else "<defaults>"
     if path:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"config error: {source}: is a folder, not a config file")
         if not p.is_file():
             raise ConfigError(f"config error: {source}: no such file")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+            loaded = load_yaml_unique(p.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
             raise ConfigError(f"config error: {source}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
         except UnicodeDecodeError:
             raise ConfigError(f"config error: {source}: not UTF-8 text") from None
-        if loaded is None:
-            loaded = {}
+        if loaded is None or loaded == {}:
+            raise ConfigError(f"config error: {source}: the file has no settings (an empty config would silently "
+                              f"run every default); start from configs/quickstart.yaml")
         if not isinstance(loaded, dict):
             raise ConfigError(f"config error: {source}: top level must be a mapping of keys, got {type(loaded).__name__}")
         data = loaded

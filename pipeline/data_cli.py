@@ -182,6 +182,19 @@ def cmd_convert(args) -> int:
     return 0
 
 
+PREVIEW_CHARS = 2000  # per string field: a preview of a 10 MB field should not print 10 MB
+
+
+def _shorten(value, limit: int = PREVIEW_CHARS):
+    if isinstance(value, str) and len(value) > limit:
+        return value[:limit] + f"... [{len(value) - limit:,} more characters]"
+    if isinstance(value, list):
+        return [_shorten(v, limit) for v in value]
+    if isinstance(value, dict):
+        return {k: _shorten(v, limit) for k, v in value.items()}
+    return value
+
+
 def cmd_preview(args) -> int:
     if args.n < 1:
         raise DataError(f"-n {args.n}: must be at least 1")
@@ -189,7 +202,7 @@ def cmd_preview(args) -> int:
     spec, kind, result = _load(args)
     for i, r in enumerate(result.records[: args.n], 1):
         print(f"--- {kind} record {i} ({type(r).__name__})")
-        print(json.dumps(to_canonical(r), indent=2, ensure_ascii=False))
+        print(json.dumps(_shorten(to_canonical(r)), indent=2, ensure_ascii=False))
     return 0
 
 

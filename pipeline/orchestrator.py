@@ -6,9 +6,12 @@ to `ppo.*` re-runs ppo and what depends on it (compare), and nothing before it.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,12 +20,17 @@ import yaml
 from data_schemas.files import atomic_write_json, atomic_write_text
 from pipeline.config import config_hash
 from pipeline.launcher import stage_command, stage_env
-from pipeline.rundir import Manifest, clear_done, read_done, run_dir_for, write_done
+from pipeline.rundir import Manifest, RunLock, clear_done, read_done, run_dir_for, write_done
 from stages.common import STAGES, StageError, stage_dir
 from stages.runtime import resolve_precision
 
 RUN_LEVEL_KEYS = ("model", "seed", "precision", "trust_remote_code")
 ATTEMPT = ".attempt.json"
+# What a stage may write into its folder; `--force` and a config change remove these and nothing else,
+# so a user's own file in runs/<name>/<stage>/ survives.
+STAGE_OUTPUTS = ("config.yaml", "metrics.jsonl", "summary.json", "model", "adapter", "checkpoints", "tensorboard",
+                 "samples.jsonl", "generations.jsonl", "generation_settings.json", "prompt.txt", "generations",
+                 "metrics.json", "report.md", "report.html", "plots", "DONE", ATTEMPT)
 
 
 def upstream(cfg, stage: str) -> list[str]:
@@ -50,7 +58,9 @@ def stage_hashes(cfg) -> dict[str, str]:
             own["ptx_data"] = dumped["sft"]["data"]
         if stage == "baseline":
             prompt = Path(cfg.baseline.prompt_file)
-            own["prompt_text"] = prompt.read_text(encoding="utf-8") if prompt.is_file() else cfg.baseline.prompt_file
+            # errors="replace": a file that is not UTF-8 is reported by pre-flight, in one line, not here
+            own["prompt_text"] = (prompt.read_bytes().decode("utf-8", errors="replace") if prompt.is_file()
+                                  else cfg.baseline.prompt_file)
         own["upstream"] = {u: hashes[u] for u in upstream(cfg, stage)}
         hashes[stage] = config_hash(own)
     return hashes
@@ -80,7 +90,7 @@ def _key_metrics(summary: dict) -> str:
 
 
 def check_writable(run_dir: Path) -> None:
-    """Fail in one line, before any model loads, when the run folder cannot be written."""
+    """Fail in one line, before any stage starts, when the run folder cannot be written."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / ".write-check", "ok\n")
@@ -90,11 +100,13 @@ def check_writable(run_dir: Path) -> None:
 
 
 def preflight(cfg, selected: list[str], launch) -> None:
-    from pipeline.preflight import available_bytes, check_models, estimate_memory, validate_data
+    from pipeline.preflight import available_bytes, check_models, check_references, estimate_memory, validate_data
 
     print("preflight:")
     for line in validate_data(cfg, selected):
         print(f"  data  {line}")
+    for line in check_references(cfg, selected):
+        print(f"  ref   {line}")
     print(f"  model {check_models(cfg)}")
     try:
         avail, kind = available_bytes()
@@ -110,6 +122,22 @@ def preflight(cfg, selected: list[str], launch) -> None:
         print(f"  mem   (no estimate: {str(e).splitlines()[0]})")
 
 
+def remove_stage_outputs(sdir: Path) -> None:
+    """Delete what the pipeline and the stage wrote in `sdir` (STAGE_OUTPUTS, *.png, hidden staging
+    files), never anything else."""
+    if not sdir.is_dir():
+        return
+    for entry in sdir.iterdir():
+        ours = (entry.name in STAGE_OUTPUTS or entry.suffix == ".png"
+                or entry.name.startswith(".") and entry.name.endswith((".partial", ".tmp", ".old")))
+        if not ours:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink(missing_ok=True)
+
+
 def _prepare_stage_dir(cfg, run_dir: Path, stage: str, stage_hash: str, force: bool) -> None:
     sdir = stage_dir(run_dir, stage)
     clear_done(run_dir, stage)
@@ -117,7 +145,7 @@ def _prepare_stage_dir(cfg, run_dir: Path, stage: str, stage_hash: str, force: b
     prev = json.loads(attempt.read_text()).get("config_hash") if attempt.exists() else None
     if force or (prev is not None and prev != stage_hash):
         # Checkpoints made under another config must not be resumed: start this stage clean.
-        shutil.rmtree(sdir, ignore_errors=True)
+        remove_stage_outputs(sdir)
     sdir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(attempt, {"config_hash": stage_hash, "started": time.time()})
     # Downstream outputs are stale once this stage re-runs.
@@ -126,7 +154,60 @@ def _prepare_stage_dir(cfg, run_dir: Path, stage: str, stage_hash: str, force: b
             clear_done(run_dir, later)
 
 
+def _ignore_sigint() -> None:
+    # The launcher (`accelerate launch`) ignores Ctrl-C, so it prints no traceback; the stage process
+    # restores the default handler (stages.common.stage_main) and stops cleanly; the orchestrator waits.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def run_stage_process(cmd: list[str], env: dict, pass_fds: tuple[int, ...] = ()) -> tuple[int, str | None, bool]:
+    """Run one stage launch; return (exit code, the stage's one-line error if it printed one, interrupted).
+
+    The stage writes its one-line error to RLHF_STAGE_ERROR_FILE, a temp file outside the run folder
+    (which may be the full disk): `accelerate launch` turns every failure into exit code 1, so the file
+    is how the orchestrator tells a reported error (exit 2) from a crash."""
+    fd, err_path = tempfile.mkstemp(prefix="rlhf-stage-error-", suffix=".txt")
+    os.close(fd)
+    interrupted = False
+    try:
+        proc = subprocess.Popen(cmd, env={**env, "RLHF_STAGE_ERROR_FILE": err_path}, preexec_fn=_ignore_sigint,
+                                pass_fds=pass_fds)
+        while True:
+            try:
+                code = proc.wait()
+                break
+            except KeyboardInterrupt:  # the stage got the same Ctrl-C; let it stop, then report
+                interrupted = True
+                try:
+                    code = proc.wait(timeout=30)
+                    break
+                except (subprocess.TimeoutExpired, KeyboardInterrupt):
+                    proc.kill()
+        try:
+            error = Path(err_path).read_text(encoding="utf-8").strip().splitlines()
+        except OSError:
+            error = []
+        return code, (error[-1] if error else None), interrupted
+    finally:
+        Path(err_path).unlink(missing_ok=True)
+
+
+def _remove_partial_outputs(sdir: Path) -> None:
+    """A failed stage's staging files are incomplete by definition; removing them frees the space a
+    full disk needs for the manifest update."""
+    if not sdir.is_dir():
+        return
+    for entry in list(sdir.rglob(".*")):
+        if entry.name.endswith((".partial", ".tmp")):
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+
 def run_pipeline(cfg, stages=None, from_stage=None, force=False, dry_run=False, config_path=None) -> int:
+    from pipeline.preflight import check_writable as check_writable_before
+
     selected = select_stages(stages, from_stage)
     run_dir = run_dir_for(cfg)
     hashes = stage_hashes(cfg)
@@ -135,9 +216,25 @@ def run_pipeline(cfg, stages=None, from_stage=None, force=False, dry_run=False, 
             if u not in selected and (read_done(run_dir, u) or {}).get("config_hash") != hashes[u]:
                 raise StageError(f"{s} reads the {u} stage's output, which is missing or was made with another "
                                  f"config: run `rlhf {u} CONFIG` first, or include {u} in --stages/--from")
+    # Everything is checked before the run folder is created: bad input leaves no empty runs/<name>.
+    check_writable_before(run_dir)
+    preflight(cfg, selected, cfg.launch)
+    # On multi-node runs every node runs this orchestrator; node 0 alone writes the shared bookkeeping.
+    primary = cfg.launch.machine_rank == 0
+    lock = None
     if not dry_run:
         check_writable(run_dir)
-    preflight(cfg, selected, cfg.launch)
+        if primary:
+            lock = RunLock(run_dir).acquire()
+    try:
+        return _run_locked(cfg, run_dir, selected, hashes, force, dry_run, config_path, primary,
+                           () if lock is None else (lock.fd,))
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(cfg, run_dir: Path, selected, hashes, force, dry_run, config_path, primary, lock_fds) -> int:
     plan = []
     for s in selected:
         done = read_done(run_dir, s)
@@ -149,9 +246,6 @@ def run_pipeline(cfg, stages=None, from_stage=None, force=False, dry_run=False, 
     if dry_run:
         return 0
 
-    # On multi-node runs every node runs this orchestrator; node 0 alone writes the shared bookkeeping.
-    primary = cfg.launch.machine_rank == 0
-    run_dir.mkdir(parents=True, exist_ok=True)
     if primary:
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     manifest = Manifest(run_dir, read_only=not primary)
@@ -170,14 +264,23 @@ def run_pipeline(cfg, stages=None, from_stage=None, force=False, dry_run=False, 
         manifest.update(s, status="running", config_hash=hashes[s])
         print(f"\n==== {s} ====", flush=True)
         t0 = time.time()
-        proc = subprocess.run(stage_command(cfg.launch, s, run_dir), env=stage_env())
+        rc, error, interrupted = run_stage_process(stage_command(cfg.launch, s, run_dir), stage_env(), lock_fds)
         wall = time.time() - t0
-        if proc.returncode != 0:
-            manifest.update(s, status="failed", exit_code=proc.returncode, wall_s=round(wall, 1))
-            rows.append([s, f"FAILED ({proc.returncode})", f"{wall:.0f}s", ""])
-            print(f"error: stage {s} failed with exit code {proc.returncode}; completed stages are kept, "
-                  f"re-run the same command to resume", file=sys.stderr)
-            code = proc.returncode if proc.returncode > 0 else 1
+        if interrupted or rc != 0:
+            _remove_partial_outputs(sdir)
+            status = "interrupted" if interrupted else "failed"
+            manifest.update(s, status=status, exit_code=rc, error=error, wall_s=round(wall, 1))
+            rows.append([s, "INTERRUPTED" if interrupted else f"FAILED ({rc})", f"{wall:.0f}s", ""])
+            if interrupted:
+                print(f"interrupted: stage {s} stopped; completed stages are kept, re-run the same command to resume",
+                      file=sys.stderr)
+                code = 130
+            else:
+                print(f"error: stage {s} failed with exit code {rc}; completed stages are kept, "
+                      f"re-run the same command to resume", file=sys.stderr)
+                # A stage that reported its one-line error is bad input or a bad disk: exit 2, as the CLI's
+                # own errors. A crash without one (a bug) keeps exit 1.
+                code = 2 if error else 1
             break
         summary_path = sdir / "summary.json"
         metrics = json.loads(summary_path.read_text()) if summary_path.exists() else {}

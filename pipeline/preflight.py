@@ -108,3 +108,166 @@ def check_models(cfg) -> str:
 
     tok = load_tokenizer(cfg.model, cfg.trust_remote_code)
     return f"model {cfg.model}: tokenizer ok ({len(tok)} tokens, pad={tok.pad_token!r}, eos={tok.eos_token!r})"
+
+
+# ---- references: every path, model and module a selected stage will open ----
+
+def _offline() -> bool:
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def looks_like_path(ref: str) -> bool:
+    """A local path, never a hub name: absolute, ./ ../ ~, a trailing slash, an existing path, or
+    more than one '/' (hub names are `name` or `owner/name`)."""
+    return (ref.startswith(("/", "./", "../", "~")) or ref in (".", "..") or ref.endswith("/")
+            or os.path.exists(ref) or ref.count("/") > 1)
+
+
+def check_model_ref(ref: str, what: str) -> str:
+    """Resolve where a model will come from without loading it; a one-line ModelError if it cannot.
+
+    A local folder must hold config.json and safetensors weights. A hub name must be in the local
+    Hugging Face cache when offline (HF_HUB_OFFLINE); online it is looked up once, with no retries."""
+    from pathlib import Path
+
+    from stages.models import ALIASES, ModelError
+
+    if ref in ALIASES:
+        return f"{what}: {ref} (embedded)"
+    if looks_like_path(ref):
+        path = Path(ref).expanduser()
+        if not path.exists():
+            raise ModelError(f"{what}: model folder {ref} does not exist")
+        if not path.is_dir():
+            raise ModelError(f"{what}: {ref} is a file, not a model folder")
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{what}: {ref} has no config.json, so it is not a Hugging Face model folder")
+        if not any(path.glob("*.safetensors")):
+            raise ModelError(f"{what}: {ref} has no *.safetensors weights (only safetensors are loaded)")
+        return f"{what}: {ref} (local folder)"
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(ref)
+    except HFValidationError:
+        raise ModelError(f"{what}: {ref!r} is neither a local model folder nor a valid hub name (owner/name)") from None
+    if isinstance(try_to_load_from_cache(ref, "config.json"), str):
+        return f"{what}: {ref} (hub, cached)"
+    if _offline():
+        raise ModelError(f"{what}: {ref} is not a local folder and not in the Hugging Face cache, and HF_HUB_OFFLINE "
+                         f"is set: download it first or point to a local folder")
+    from huggingface_hub import model_info
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        model_info(ref, timeout=10)
+    except RepositoryNotFoundError:
+        raise ModelError(f"{what}: no model {ref!r} on the Hugging Face hub (or it is private)") from None
+    except Exception as e:  # no network, a proxy, a timeout: one line instead of minutes of retries
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ModelError(f"{what}: cannot reach the Hugging Face hub to fetch {ref!r} ({detail}); "
+                         f"use a local folder, or set HF_HUB_OFFLINE=1 if it is cached") from None
+    return f"{what}: {ref} (hub)"
+
+
+def _check_file(path: str, what: str) -> None:
+    from pathlib import Path
+
+    from stages.common import StageError
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise StageError(f"{what}: {path}: " + ("is a folder, not a file" if p.is_dir() else "no such file"))
+    try:
+        p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise StageError(f"{what}: {path}: not UTF-8 text") from None
+    except OSError as e:
+        raise StageError(f"{what}: {path}: {e.strerror or e}") from None
+
+
+def _check_accelerate_config(path: str) -> None:
+    """The file exists and accelerate can read it (the launcher's own reader, not a guess at its schema)."""
+    import contextlib
+    import io
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from pipeline.config import ConfigError
+
+    _check_file(path, "launch.accelerate_config")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            load_config_from_file(path)
+    except Exception as e:  # yaml, TypeError for unknown keys, ValueError for missing ones
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(f"config error: launch.accelerate_config: {path}: not an accelerate config ({detail})") from None
+
+
+def check_references(cfg, selected: list[str]) -> list[str]:
+    """Everything the selected stages will open, resolved now: model folders and hub names, this
+    run's stage outputs (checked by the orchestrator), the reward function, the baseline prompt, the
+    accelerate config. Raises a one-line error; returns what was checked, for the preflight listing."""
+    from stages.common import STAGES, StageError
+    from stages.rewards import load_reward_fn
+
+    lines = []
+    if cfg.launch.accelerate_config:
+        _check_accelerate_config(cfg.launch.accelerate_config)
+        lines.append(f"launch.accelerate_config: {cfg.launch.accelerate_config}")
+
+    def model(ref: str | None, what: str, allowed_stages=STAGES) -> None:
+        if ref is None or ref in allowed_stages:
+            return
+        lines.append(check_model_ref(ref, what))
+
+    if "sft" in selected:
+        model(cfg.model, "model", ())
+    if "reward" in selected:
+        model(cfg.reward.init_from or cfg.model, "reward.init_from")
+    if "ppo" in selected:
+        p = cfg.ppo
+        if p.reward_fn:
+            try:
+                load_reward_fn(p.reward_fn)
+            except ValueError as e:
+                raise StageError(f"ppo.{e}") from None
+            lines.append(f"ppo.reward_fn: {p.reward_fn} (imports)")
+        else:
+            model(p.reward_model, "ppo.reward_model")
+        model(p.policy, "ppo.policy")
+        model(p.value_init, "ppo.value_init", (*STAGES, "policy"))
+    if "baseline" in selected:
+        model(cfg.baseline.model or cfg.model, "baseline.model", ())
+        _check_file(cfg.baseline.prompt_file, "baseline.prompt_file")
+    if "compare" in selected:
+        for i, ref in enumerate(cfg.compare.models):
+            model(ref, f"compare.models[{i}]")
+        model(cfg.compare.reward_model, "compare.reward_model")
+        model(cfg.compare.reference, "compare.reference")
+        if "baseline" in cfg.compare.models or "baseline" in selected:
+            _check_file(cfg.baseline.prompt_file, "baseline.prompt_file")
+    return lines
+
+
+def check_writable(run_dir) -> None:
+    """The run folder can be created and written, checked without leaving anything behind (for
+    --dry-run, and before pre-flight so bad input leaves no empty run folder): a temp file is created
+    and dropped in the nearest existing folder (os.access is no test: root passes it on /proc)."""
+    import tempfile
+    from pathlib import Path
+
+    from stages.common import StageError
+
+    probe = Path(run_dir)
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise StageError(f"cannot write the run folder {run_dir}: Not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=probe, prefix=".rlhf-write-check-"):
+            pass
+    except OSError as e:
+        raise StageError(f"cannot write the run folder {run_dir}: {e.strerror or e}") from None

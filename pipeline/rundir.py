@@ -8,18 +8,69 @@ runs/<name>/
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import os
 import time
 from pathlib import Path
 
 from data_schemas.files import atomic_write_json
-from stages.common import STAGES, stage_dir
+from stages.common import STAGES, StageError, stage_dir
 
 DONE = "DONE"
+LOCK = ".lock"
 
 
 def run_dir_for(cfg) -> Path:
-    return Path(cfg.runs_root) / cfg.name
+    """runs_root/name, which must be a folder strictly inside runs_root (`name=..` would be its parent)."""
+    root = Path(cfg.runs_root).expanduser()
+    run_dir = root / cfg.name
+    resolved_root, resolved = root.resolve(), run_dir.resolve()
+    if resolved == resolved_root or resolved_root not in resolved.parents:
+        raise StageError(f"run folder {run_dir} resolves to {resolved}, outside runs_root {resolved_root}: "
+                         f"choose another name")
+    return run_dir
+
+
+class RunLock:
+    """One `rlhf` process per run folder: an exclusive flock on runs/<name>/.lock, held until the
+    process exits (the kernel drops it on any exit, SIGKILL included, so a stale lock cannot block
+    the next run). The file holds the owner's PID for the message the second process prints."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            try:
+                owner = self.path.read_text().split()[0]
+            except (OSError, IndexError):
+                owner = "?"
+            raise StageError(f"run folder {self.path.parent} in use by PID {owner}: wait for that run to finish, "
+                             f"or choose another name=") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    @property
+    def fd(self) -> int | None:
+        """The locked descriptor; handed to the stage launcher (pass_fds) so that a stage outliving a
+        killed `rlhf run` keeps the folder locked until it ends too."""
+        return self._fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
 
 
 def done_marker(run_dir: Path, stage: str) -> Path:
@@ -68,4 +119,31 @@ class Manifest:
             return
         ordered = {s: self.data["stages"][s] for s in STAGES if s in self.data["stages"]}
         self.data["stages"] = ordered
-        atomic_write_json(self.path, self.data)
+        try:
+            atomic_write_json(self.path, self.data)
+        except OSError as e:
+            if e.errno != errno.ENOSPC or not self._overwrite_in_place():
+                raise
+
+    def _overwrite_in_place(self) -> bool:
+        """On a full disk the temp file of an atomic write cannot be created, but the manifest's own
+        blocks are still allocated: rewrite it in place when the new text fits in them, so a failed
+        stage is still recorded as failed. Returns whether it did."""
+        data = (json.dumps(self.data, indent=2, ensure_ascii=False, default=str) + "\n").encode()
+        try:
+            st = self.path.stat()
+        except OSError:
+            return False
+        if len(data) > st.st_blocks * 512:
+            return False
+        try:
+            fd = os.open(self.path, os.O_WRONLY)
+            try:
+                os.pwrite(fd, data, 0)
+                os.ftruncate(fd, len(data))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            return False
+        return True

@@ -235,7 +235,49 @@ def mask_after_eos(response, eos_id: int, pad_id: int):
 
 # ---- entry point for `accelerate launch -m stages.<name> --run-dir D` ----
 
+def disk_full_error(e: BaseException) -> bool:
+    """Whether an exception (or one it was raised from) is a full disk, whatever library raised it:
+    safetensors' SafetensorError and torch.save's RuntimeError carry only the OS message."""
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        text = str(e)
+        if "No space left on device" in text or "os error 28" in text or "error code: 28" in text:
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
+def _disk_nearly_full(path, below: int = 4 * 1024**2) -> bool:
+    """torch.save reports a full disk as "basic_ios::clear: iostream error" or "unexpected pos", with
+    no errno: a write error on a filesystem with almost no space left is taken as the full disk."""
+    import shutil
+
+    try:
+        return shutil.disk_usage(path).free < below
+    except OSError:
+        return False
+
+
+def _report(line: str) -> None:
+    """Print the stage's one-line error, and hand it to the orchestrator (see pipeline.orchestrator)."""
+    print(line, file=sys.stderr)
+    path = os.environ.get("RLHF_STAGE_ERROR_FILE")
+    if path:
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+        except OSError:
+            pass
+
+
 def stage_main(stage: str, run_fn, argv: list[str] | None = None) -> None:
+    import signal
+
+    # `rlhf run` starts the launcher with Ctrl-C ignored (so it prints no traceback); the stage itself
+    # stops on Ctrl-C as usual.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     ap = argparse.ArgumentParser(prog=f"python -m stages.{stage}",
                                  description=f"Run the {stage} stage on a run folder (normally started by `rlhf`).")
     ap.add_argument("--run-dir", required=True, help="the run folder; its config.yaml holds the resolved config")
@@ -246,8 +288,17 @@ def stage_main(stage: str, run_fn, argv: list[str] | None = None) -> None:
         cfg = RunConfig.from_resolved(yaml.safe_load(cfg_path.read_text()))
         run_fn(cfg, Path(args.run_dir))
     except (StageError, ModelError, DataError) as e:
-        print(f"error: {stage}: {e}", file=sys.stderr)
+        _report(f"error: {stage}: {e}")
         sys.exit(2)
     except OSError as e:  # the filesystem: a full disk, a read-only or vanished folder
-        print(f"error: {stage}: {os_error_line(e)}", file=sys.stderr)
+        _report(f"error: {stage}: {os_error_line(e)}")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{stage}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:
+        if not (disk_full_error(e) or _disk_nearly_full(args.run_dir)):
+            raise
+        _report(f"error: {stage}: no space left on device while writing under {stage_dir(args.run_dir, stage)} "
+                f"({type(e).__name__})")
         sys.exit(2)

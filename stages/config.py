@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from data_schemas.spec import DatasetSpec
 from stages.models import DEFAULT_MODEL
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)  # lr=inf is a typo, never a setting
 
 
 class LoRAConfig(Section):
@@ -41,7 +41,7 @@ class TrainLoop(Section):
     """Settings every training stage shares."""
 
     epochs: float = Field(1.0, gt=0)
-    max_steps: int = Field(-1, description="optimizer steps; -1 = derive from epochs")
+    max_steps: int = Field(-1, ge=-1, description="optimizer steps; -1 = derive from epochs")
     batch_size: int = Field(8, ge=1, description="per device")
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(2e-5, gt=0)
@@ -55,6 +55,13 @@ class TrainLoop(Section):
     logging_steps: int = Field(1, ge=1)
     eval_steps: int = Field(0, ge=0, description="evaluate every N steps; 0 = at the end only")
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
+
+    @field_validator("max_steps")
+    @classmethod
+    def _max_steps_not_zero(cls, v: int) -> int:
+        if v == 0:
+            raise ValueError("0 would train nothing; use -1 to derive the steps from epochs, or a positive count")
+        return v
 
 
 class SFTConfig(TrainLoop):
@@ -155,7 +162,8 @@ class CompareConfig(Section):
 class RunConfig(Section):
     """Run-level settings plus one section per stage."""
 
-    name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field("run", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$",
+                      description="the run folder under runs_root: letters, digits, _ . -, not starting with . or -")
     model: str = DEFAULT_MODEL
     runs_root: str = "runs"
     seed: int = 0

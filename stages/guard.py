@@ -83,6 +83,7 @@ class SpikeGuard:
         self._skip_left = 0
         self._snapshot = None
         self._snapshot_step = None
+        self._good_since_rollback = 0
         if cfg.enabled and restore is None:
             self._take_snapshot(0)
 
@@ -125,6 +126,7 @@ class SpikeGuard:
             restored = self._snapshot_step
         self._record(step, reason, restored)
         self._skip_left = self.cfg.skip_batches
+        self._good_since_rollback = 0
 
     def _record(self, step: int, reason: str, restored_step: int | None) -> None:
         event = {"event": "spike", "step": step, "reason": reason, "restored_step": restored_step,
@@ -134,5 +136,16 @@ class SpikeGuard:
             self.logger.log(step, **event)
 
     def after_step(self, step: int) -> None:
+        self._good_since_rollback += 1
         if self.cfg.enabled and self.restore is None and step % self.cfg.snapshot_every == 0:
             self._take_snapshot(step)
+
+    def finish(self) -> None:
+        """Called when training ends: a run whose last spike was never followed by a good step ends
+        on a restored snapshot, i.e. the guard gave up on training. That fails the stage instead of
+        exporting the snapshot as if it were the trained model."""
+        if self.events and self._good_since_rollback == 0:
+            last = self.events[-1]
+            raise StageError(f"spike guard: training ended without a good step after the last spike (step "
+                             f"{last['step']}: {last['reason']}); the model is still the snapshot of step "
+                             f"{last['restored_step']}: lower the learning rate")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -169,7 +170,22 @@ def load_reward_model(name_or_path: str, dtype: str = "fp32", trust_remote_code:
     """A sequence classifier with one output (the scalar reward)."""
     from transformers import AutoModelForSequenceClassification
 
-    model = _load(AutoModelForSequenceClassification, name_or_path, dtype, trust_remote_code, num_labels=1)
+    from transformers.utils import logging as hf_logging
+
+    # A causal LM has no `score` head, so transformers logs a multi-line "LOAD REPORT" table with raw
+    # ANSI colours at every RM start; the new head is expected, so say it in one plain line instead.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = _load(AutoModelForSequenceClassification, name_or_path, dtype, trust_remote_code, num_labels=1,
+                            output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = sorted(info.get("missing_keys", ()))
+    if missing:
+        head = all(k.startswith("score.") for k in missing)
+        print(f"reward model: {'a new score head' if head else 'weights missing from the checkpoint'} "
+              f"({', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}) initialised at random", file=sys.stderr)
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     return model

@@ -426,6 +426,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
         if it % p.save_every == 0 or it == p.iterations:
             checkpoint(it)
     bar.close()
+    guard.finish()
 
     # ---- export ----
     if main:

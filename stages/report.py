@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from pathlib import Path
 
 from data_schemas.files import atomic_write_bytes, atomic_write_text
@@ -21,6 +22,15 @@ def esc(x) -> str:
 def md_esc(x) -> str:
     """Markdown viewers render raw HTML too, so markup in model text is escaped there as well."""
     return html.escape(str(x), quote=False)
+
+
+MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#!|])")
+
+
+def md_text(x) -> str:
+    """Model or user text for report.md: HTML escaped, and every Markdown control character
+    backslash-escaped, so a reply cannot become a link, an image, emphasis or a heading."""
+    return md_esc(MD_SPECIAL.sub(r"\\\1", str(x)))
 
 
 def fmt(x, digits: int = 3) -> str:
@@ -192,12 +202,12 @@ def render_markdown(metrics: dict, gen_rows: dict, plots: dict, max_samples: int
     labels = metrics["models"]
     for i in range(min(max_samples, metrics["num_prompts"])):
         first = gen_rows[labels[0]][i]
-        tags = f" ({md_esc(', '.join(first['tags']))})" if first["tags"] else ""
-        quoted = "<br>\n> ".join(md_esc(line) for line in _prompt_text(first["messages"]).splitlines())
-        parts.append(f"### {md_esc(first['id'])}{tags}\n\n> {quoted}")
+        tags = f" ({md_text(', '.join(first['tags']))})" if first["tags"] else ""
+        quoted = "<br>\n> ".join(md_text(line) for line in _prompt_text(first["messages"]).splitlines())
+        parts.append(f"### {md_text(first['id'])}{tags}\n\n> {quoted}")
         for lab in labels:
             r = gen_rows[lab][i]
-            body = "<br>".join(md_esc(line) for line in r["response"].splitlines()) or "*(empty)*"
+            body = "<br>".join(md_text(line) for line in r["response"].splitlines()) or "*(empty)*"
             parts.append(f"**{md_esc(lab)}** (RM {fmt(r['reward'])}, {r['num_tokens']} tokens): {body}")
     return "\n\n".join(parts) + "\n"
 

@@ -208,7 +208,7 @@ class Responder:
         if prefix:
             cache = copy.deepcopy(prefix[1])
             cache.batch_repeat_interleave(len(rows))
-            kwargs["past_key_values"] = cache
+            kwargs["cache"] = cache  # transformers 5: `past_key_values` is deprecated in generate()
         with torch.no_grad(), autocast(self.precision, self.model.device):
             out = self.model.generate(input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device),
                                       **kwargs)
@@ -237,7 +237,7 @@ class Responder:
             return None
         ids = rows[0][:n]
         with torch.no_grad(), autocast(self.precision, self.model.device):
-            cache = self.model(torch.tensor([ids], device=self.model.device), use_cache=True).past_key_values
+            cache = self.model(torch.tensor([ids], device=self.model.device), use_cache=True).cache
         self._prefix = (ids, cache)
         return self._prefix
 

@@ -345,6 +345,7 @@ def fit(*, accelerator, model, cfg: RunConfig, stage: str, run_dir: Path, n_trai
         if tc.eval_steps and step % tc.eval_steps == 0 and step < steps:
             logger.log(step, **{f"eval_{k}": v for k, v in evaluate(model).items()})
     pbar.close()
+    guard.finish()
     wall = time.perf_counter() - t_start
 
     eval_metrics = {f"eval_{k}": v for k, v in evaluate(model).items()}
