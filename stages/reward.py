@@ -168,29 +168,6 @@ def evaluate_groups(model, groups, accelerator, batch_size: int, pad_id: int, us
 
 # ---- stage ----
 
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-
-
-def return_freed_memory_to_the_os(threshold: int = 1 << 20) -> bool:
-    """Serve every allocation of `threshold` bytes or more with its own mmap, unmapped when freed.
-
-    Padding-free batches are one packed row whose length changes every step, so each step's
-    activations are differently sized blocks of a few MB. glibc's default raises its mmap threshold
-    to the largest block freed so far (up to 32 MB) and from then on carves such blocks out of the
-    heap, where the holes they leave cannot be reused by the next step's other sizes, nor returned:
-    RSS grew step after step with the live tensors constant (bench/rm_malloc_probe.py: heap in use
-    flat at 0.27 GiB, free heap 0.21 -> 0.73 GiB in 40 steps, all of it given back by malloc_trim).
-    A fixed threshold turns that dynamic rule off. Returns False where there is no glibc."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
-    except (OSError, AttributeError):
-        return False
-
-
 def run(cfg: RunConfig, run_dir: Path) -> dict:
     cfg = resolved(cfg)  # precision "auto" made concrete for this machine
     from accelerate.utils import set_seed
@@ -199,7 +176,6 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     from stages.models import load_reward_model, load_tokenizer
 
     run_dir, rc, t_start = Path(run_dir), cfg.reward, time.time()
-    return_freed_memory_to_the_os()
     out_dir = stage_dir(run_dir, "reward")
     init = resolve_input_model(run_dir, rc.init_from, needed_by="reward") if rc.init_from else cfg.model
     accelerator = make_accelerator(cfg)

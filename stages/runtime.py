@@ -130,3 +130,35 @@ def runtime_info(precision: str) -> dict:
 
     return {"precision": resolve_precision(precision), "threads": torch.get_num_threads(),
             "device": "cuda" if torch.cuda.is_available() else "cpu"}
+
+
+# ---- memory ----
+
+class HeapTrim:
+    """Keeps a training loop's resident memory flat. Batches whose shapes change every step (packed
+    rows) leave freed blocks of many sizes inside glibc's heap, where the next step's other sizes do
+    not fit and nothing is handed back: the reward stage's RSS grew step after step with its live
+    tensors constant (bench/rm_malloc_probe.py). malloc_trim(0) after each step returns the free heap
+    to the OS before it can fragment. A fixed mmap threshold also stops the growth, but gives every
+    large block fresh pages on every step: on this project's 2-core VM that made an RM step 1.8x
+    slower (6.9 vs 3.8 s, bf16)."""
+
+    def __init__(self):
+        self._trim = _malloc_trim()
+        self.trims = 0
+
+    def step(self) -> None:
+        if self._trim is not None:
+            self._trim(0)
+            self.trims += 1
+
+
+def _malloc_trim():
+    """glibc's malloc_trim, or None where there is none (macOS, musl)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None

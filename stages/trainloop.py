@@ -32,6 +32,7 @@ from stages.common import StageError, read_metrics, reading_checkpoint, stage_di
 from stages.common import list_checkpoints as common_list_checkpoints
 from stages.config import LoRAConfig, RunConfig, TrainLoop
 from stages.guard import SpikeGuard
+from stages.runtime import HeapTrim
 
 CKPT_PREFIX = "step-"
 KEEP_CHECKPOINTS = 2
@@ -286,6 +287,7 @@ def fit(*, accelerator, model, cfg: RunConfig, stage: str, run_dir: Path, n_trai
             save_checkpoint(ckpt_root, step, state, raw, optimizer, scheduler)
         accelerator.wait_for_everyone()
 
+    heap = HeapTrim()  # packed rows of changing length fragment the heap; keep RSS flat
     fp16_skips = 0
     rank_items = 0  # training items this rank ran forward/backward on in this launch (for the summary)
     pbar = tqdm(total=steps, initial=step, desc=stage, disable=not accelerator.is_main_process, dynamic_ncols=True)
@@ -332,6 +334,7 @@ def fit(*, accelerator, model, cfg: RunConfig, stage: str, run_dir: Path, n_trai
         optimizer.zero_grad(set_to_none=True)
         step += 1
         guard.after_step(step)
+        heap.step()
         recent.append(loss_val)
         dt = time.perf_counter() - t0
         pbar.update(1)
