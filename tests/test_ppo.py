@@ -26,13 +26,7 @@ TINY_PPO = {"prompts": {"source": "default:prompts", "limit": 16}, "iterations":
 TIMING_KEYS = {"time", "samples_per_s", "tokens_per_s", "generate_s", "score_s", "train_s", "iteration_s"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On a shared 2-core machine, torch's default 2 threads spin against other processes (~10x slower).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,7 @@ BF16_LOGPROB_TOL = 0.05   # nats, max over tokens
 FP32_GENERATION_TOL = 1e-4  # nats: KV-cached decode vs one full forward pass, fp32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- what `auto` means ----
