@@ -216,11 +216,13 @@ def generate(model, tokenizer, texts: list[str], *, max_new_tokens: int, tempera
     response = mask_after_eos(sequences[:, prompt_ids.shape[1]:], tokenizer.eos_token_id, tokenizer.pad_token_id)
     if not with_logprobs:
         return Generation(prompt_ids, enc["attention_mask"], response)
+    from stages.ppo_math import entropy_from_logits
+
     logprobs, entropy = [], []
     for t, step in enumerate(out.logits):  # one (B, V) step at a time: never all R x V in fp32 at once
-        logp = torch.log_softmax(step.float() / (temperature or 1.0), dim=-1)
-        logprobs.append(logp.gather(1, response[:, t:t + 1]).squeeze(1))
-        entropy.append(-(logp.exp() * logp).sum(-1))
+        scaled = step.float() / (temperature or 1.0)
+        logprobs.append(logprobs_from_logits(scaled, response[:, t]))
+        entropy.append(entropy_from_logits(scaled))
     return Generation(prompt_ids, enc["attention_mask"], response, torch.stack(logprobs, 1), torch.stack(entropy, 1))
 
 
