@@ -32,7 +32,7 @@ VOLATILE = {"time", "wall_s", "train_wall_s", "resumed_from", "finished", "updat
 
 def clean(obj, run_dir: str):
     if isinstance(obj, dict):
-        return {k: clean(v, run_dir) for k, v in obj.items() if k not in VOLATILE and not k.endswith("_s")}
+        return {k: clean(v, run_dir) for k, v in obj.items() if k not in VOLATILE and not k.endswith(("_s", "_seconds"))}
     if isinstance(obj, list):
         return [clean(v, run_dir) for v in obj]
     if isinstance(obj, str):
