@@ -1,4 +1,4 @@
-"""Generation throughput of the rollout path: `stages.common.generate` (batched, left-padded,
+"""Generation throughput of the rollout path: `stages.modeling.generation.generate` (batched, left-padded,
 KV-cached) against plain Hugging Face `generate`, batched and one prompt at a time.
 
     python -m bench.bench_generate                    # SmolLM2-135M, batch 8, 32 and 64 new tokens
@@ -26,7 +26,8 @@ def variants(model, tok, texts: list[str], new_tokens: int, temperature: float):
     """name -> a callable generating for all `texts` and returning the number of generated tokens."""
     import torch
 
-    from stages.common import generate, mask_after_eos
+    from stages.modeling.generation import generate
+    from stages.modeling.tensors import mask_after_eos
 
     sample = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else dict(do_sample=False)
     common = dict(max_new_tokens=new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **sample)
@@ -52,7 +53,7 @@ def variants(model, tok, texts: list[str], new_tokens: int, temperature: float):
             n += out.shape[1] - enc["input_ids"].shape[1]
         return n
 
-    return {"ours: stages.common.generate (batched)": ours, "HF generate, batched": hf_batched,
+    return {"ours: stages.modeling.generation.generate (batched)": ours, "HF generate, batched": hf_batched,
             "HF generate, one prompt at a time": hf_per_sample}
 
 
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from bench import benchdata
-    from stages.models import load_causal_lm, load_tokenizer, resolve_model
+    from stages.modeling.loading import load_causal_lm, load_tokenizer, resolve_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -205,9 +205,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"error: the PPO peer needs trl 1.12.0 in {args.peer_python}: run bench/setup_peer_venv.sh "
                          "(or pass --sides ours)")
 
-    from stages.models import load_tokenizer
-
     from bench import benchdata
+    from stages.modeling.loading import load_tokenizer
 
     b = bl.Setup(args, LABELS, SECTION)
     labels, basis, logs, info, ceiling, model_path = b.labels, b.basis, b.logs, b.info, b.ceiling, b.model_path

@@ -63,9 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
     bl.add_step_args(ap, lr=5e-5, data="default:demonstrations")
     args = ap.parse_args(argv)
 
-    from stages.models import load_tokenizer
-
     from bench import benchdata
+    from stages.modeling.loading import load_tokenizer
 
     b = bl.Setup(args, LABELS, SECTION)
     labels, basis, logs, info, ceiling, model_path = b.labels, b.basis, b.logs, b.info, b.ceiling, b.model_path

@@ -135,7 +135,7 @@ def run_config(job: dict, sections: dict):
     overrides (e.g. guard.enabled=false, ppo.lora.enabled=true), validated like any config."""
     import yaml
 
-    from stages.config import RunConfig
+    from stages.core.config_schema import RunConfig
 
     data = {"name": "bench", "model": job["model"], "seed": 0, "precision": job["dtype"],
             "guard": dict(BENCH_GUARD), **sections}
@@ -220,7 +220,7 @@ def step_stats(stamps: list, warmup: int) -> dict:
 def hook_metrics_logger(key: str, on_row=None) -> list:
     """Stamp our stages' step ends: patch MetricsLogger.log so the first row of each step that
     carries `key` records clock() (and calls on_row(metrics)). Returns the list it fills."""
-    from stages.common import MetricsLogger
+    from stages.core.metrics_log import MetricsLogger
 
     stamps, seen, orig = [], set(), MetricsLogger.log
 
@@ -280,7 +280,7 @@ def ceiling(device: str = "cpu", dtype: str = "fp32", threads: int | None = None
     """
     now = matmul_gflops(threads=threads, device=device, dtype=dtype, reps=reps)
     try:
-        from stages.models import cache_root
+        from stages.modeling.loading import cache_root
 
         path = cache_root() / "bench" / "ceiling.json"
     except ImportError:
@@ -511,7 +511,7 @@ class Setup:
     section of this variant, throughput basis, log folder, machine line, matmul ceiling, model folder."""
 
     def __init__(self, args, labels: dict, section: str):
-        from stages.models import resolve_model
+        from stages.modeling.loading import resolve_model
 
         self.args = args
         self.labels, self.section = variant(labels, section, args)

@@ -43,10 +43,10 @@ def pairwise_accuracy(model_dir: Path, source: str, pairs: int, batch_size: int 
 
     from data_schemas.loaders import load_preferences
     from data_schemas.spec import DatasetSpec
-    from stages.models import load_reward_model, load_tokenizer
+    from stages.core.runtime import autocast
+    from stages.modeling.loading import load_reward_model, load_tokenizer
     from stages.reward import collate_groups, preference_groups, score
-    from stages.reward_loss import pair_gaps
-    from stages.runtime import autocast
+    from stages.rl.preference_loss import pair_gaps
 
     tok = load_tokenizer(str(model_dir))
     tok.padding_side = "right"

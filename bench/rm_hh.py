@@ -45,7 +45,7 @@ def main() -> int:
         print(f"error: {args.data} not found (it lives in ../shared beside the repo)", file=sys.stderr)
         return 2
 
-    from stages.config import RunConfig
+    from stages.core.config_schema import RunConfig
     from stages.reward import run
 
     n = args.train + args.eval

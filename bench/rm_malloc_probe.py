@@ -42,9 +42,9 @@ def main() -> None:
 
     from data_schemas.loaders import load_preferences
     from data_schemas.spec import DatasetSpec
-    from stages.models import load_reward_model, load_tokenizer
+    from stages.modeling.loading import load_reward_model, load_tokenizer
+    from stages.modeling.trainable import freeze_lower_layers
     from stages.reward import collate_groups, make_loss_fn, preference_groups
-    from stages.trainloop import freeze_lower_layers
 
     libc = ctypes.CDLL("libc.so.6")
     libc.mallinfo2.restype = MallInfo2

@@ -1,4 +1,4 @@
-"""Quick SFT step-time comparison: TRL's SFTTrainer vs our lean loop (stages/trainloop.py), same
+"""Quick SFT step-time comparison: TRL's SFTTrainer vs our lean loop (stages/training/loop.py), same
 model, same rows, same batch, measured in the same process.
 
     python bench/sft_step_vs_trl.py [--model smollm2-135m-instruct] [--steps 6] [--batch 8]
@@ -44,7 +44,7 @@ def time_trl(model_name: str, rows: list[dict], steps: int, batch: int, grad_ckp
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from stages.models import load_causal_lm, load_tokenizer
+    from stages.modeling.loading import load_causal_lm, load_tokenizer
 
     tok = load_tokenizer(model_name)
     model = load_causal_lm(model_name)
@@ -73,7 +73,7 @@ def time_trl(model_name: str, rows: list[dict], steps: int, batch: int, grad_ckp
 
 def time_lean(model_name: str, rows: list[dict], steps: int, batch: int, padding_free: bool,
               guard: bool = True) -> list[float]:
-    from stages.config import RunConfig
+    from stages.core.config_schema import RunConfig
     from stages.sft import run
 
     with tempfile.TemporaryDirectory() as d:
@@ -102,7 +102,7 @@ def main() -> None:
     print(f"device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, "
           f"torch threads {torch.get_num_threads()}")
 
-    from stages.models import load_tokenizer
+    from stages.modeling.loading import load_tokenizer
 
     rows = synthetic_rows(args.batch * args.steps)
     tok = load_tokenizer(args.model)

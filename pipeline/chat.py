@@ -13,9 +13,11 @@ from pathlib import Path
 
 import yaml
 
-from stages.common import MODEL_SUBDIR, StageError, stage_dir
-from stages.config import RunConfig
-from stages.responders import BASELINE, ChatModel, model_label, responder_for
+from stages.core.config_schema import RunConfig
+from stages.core.errors import StageError
+from stages.core.run_folder import MODEL_SUBDIR, stage_dir
+from stages.evaluation.baseline_outputs import BASELINE
+from stages.evaluation.responders import ChatModel, model_label, responder_for
 
 HELP = "/reset clears the conversation, /quit exits"
 

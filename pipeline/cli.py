@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _dispatch(args) -> int:
     if args.command == "models":
-        from stages.models import prepare_default_model, prepare_tiny_model
+        from stages.modeling.loading import prepare_default_model, prepare_tiny_model
 
         print(prepare_default_model(force=args.force))
         if args.tiny:
@@ -114,8 +114,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     from data_schemas.errors import DataError
-    from stages.common import StageError, os_error_line
-    from stages.models import ModelError
+    from stages.core.errors import ModelError, StageError, os_error_line
 
     try:
         code = _dispatch(args)

@@ -6,15 +6,13 @@ Errors are one line, naming the key, with a "did you mean" for misspellings:
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError
 
-from stages.config import RunConfig, Section
+from stages.core.config_schema import RunConfig, Section
 
 
 class ConfigError(ValueError):
@@ -159,10 +157,6 @@ def load_config(path: str | Path | None, overrides: list[str] = (), schema: type
         return schema.model_validate(data)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, source, schema)) from None
-
-
-def config_hash(section: dict) -> str:
-    return hashlib.sha256(json.dumps(section, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def to_yaml(cfg: BaseModel) -> str:

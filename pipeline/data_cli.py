@@ -112,7 +112,7 @@ def cmd_validate(args) -> int:
 def _length_counter():
     """Token counts with the default model's tokenizer; whitespace words if it is not provisioned."""
     try:
-        from stages.models import DEFAULT_MODEL, load_tokenizer
+        from stages.modeling.loading import DEFAULT_MODEL, load_tokenizer
 
         tok = load_tokenizer(DEFAULT_MODEL)
         return "tokens", lambda text: len(tok(text, add_special_tokens=False)["input_ids"])

@@ -259,8 +259,8 @@ def generate_for_labels(config_path: str, model_refs: list[str], folder: Path) -
     from data_schemas.records import as_chat
     from pipeline.config import load_config
     from pipeline.rundir import run_dir_for
-    from stages.baseline import load_eval_prompts
-    from stages.responders import responder_for, unique_labels
+    from stages.evaluation.baseline_outputs import load_eval_prompts
+    from stages.evaluation.responders import responder_for, unique_labels
 
     cfg = load_config(config_path)
     prompts = None
@@ -270,7 +270,7 @@ def generate_for_labels(config_path: str, model_refs: list[str], folder: Path) -
         if not path.exists():
             import torch
 
-            prompts = prompts or load_eval_prompts(cfg)
+            prompts = prompts or load_eval_prompts(cfg.compare.prompts)
             print(f"generating: {name} answers {len(prompts)} prompts ...", flush=True)
             responder = responder_for(ref, cfg, run_dir_for(cfg), cfg.compare.decoding, needed_by="label", name=name)
             torch.manual_seed(cfg.seed)

@@ -5,18 +5,10 @@ import os
 import sys
 from pathlib import Path
 
-from stages.runtime import intra_op_threads
-
-STAGE_MODULES = {
-    "sft": "stages.sft",
-    "reward": "stages.reward",
-    "ppo": "stages.ppo",
-    "baseline": "stages.baseline",
-    "compare": "stages.evaluate",
-}
+from stages.core.runtime import intra_op_threads
 
 
-def accelerate_args(launch, stage: str | None = None) -> list[str]:
+def accelerate_args(launch) -> list[str]:
     # --quiet: a stage that fails with its one-line error exits non-zero without the launcher's
     # CalledProcessError traceback (single-process and DeepSpeed launches; torchrun prints its own summary).
     args: list[str] = ["--quiet"]
@@ -50,8 +42,8 @@ def stage_command(launch, stage: str, run_dir: Path) -> list[str]:
 
         launch = copy(launch)
         launch.num_processes, launch.cpu_ddp = 1, False
-    return [sys.executable, "-m", "accelerate.commands.launch", *accelerate_args(launch, stage),
-            "-m", STAGE_MODULES[stage], "--run-dir", str(run_dir)]
+    return [sys.executable, "-m", "accelerate.commands.launch", *accelerate_args(launch),
+            "-m", f"stages.{stage}", "--run-dir", str(run_dir)]
 
 
 def stage_env() -> dict:

@@ -1,7 +1,9 @@
 """Chains the stages, each in its own `accelerate launch` process, skipping what is done and unchanged.
 
 A stage's identity is a hash of the settings it reads plus its upstream stages' hashes, so a change
-to `ppo.*` re-runs ppo and what depends on it (compare), and nothing before it.
+to `ppo.*` re-runs ppo and what depends on it (compare), and nothing before it. What a stage reads
+outside its own section is declared once, in `stages.core.config_schema.stage_inputs`; the hash
+is derived from that declaration.
 """
 from __future__ import annotations
 
@@ -18,11 +20,12 @@ from pathlib import Path
 import yaml
 
 from data_schemas.files import atomic_write_json, atomic_write_text
-from pipeline.config import config_hash
 from pipeline.launcher import stage_command, stage_env
 from pipeline.rundir import Manifest, RunLock, clear_done, read_done, run_dir_for, write_done
-from stages.common import STAGES, StageError, stage_dir
-from stages.runtime import resolve_precision
+from stages.core.config_schema import config_hash, stage_inputs
+from stages.core.errors import StageError
+from stages.core.run_folder import STAGES, stage_dir
+from stages.core.runtime import resolve_precision
 
 RUN_LEVEL_KEYS = ("model", "seed", "precision", "trust_remote_code")
 ATTEMPT = ".attempt.json"
@@ -34,34 +37,35 @@ STAGE_OUTPUTS = ("config.yaml", "metrics.jsonl", "summary.json", "model", "adapt
 
 
 def upstream(cfg, stage: str) -> list[str]:
-    """Stages whose outputs `stage` reads, from the config's references."""
-    refs = {
-        "sft": [],
-        "reward": [cfg.reward.init_from],
-        "ppo": [cfg.ppo.policy, cfg.ppo.reward_model, cfg.ppo.value_init],
-        "baseline": [],
-        "compare": [*cfg.compare.models, cfg.compare.reward_model, cfg.compare.reference],
-    }[stage]
+    """Stages whose outputs `stage` reads: the stages its model references name."""
+    refs = stage_inputs(cfg, stage).models
     return [s for s in STAGES if s in refs and s != stage]
 
 
+def _dotted(data: dict, key: str):
+    for part in key.split("."):
+        data = data[part]
+    return data
+
+
+def _file_content(path: Path) -> str:
+    # errors="replace": a file that is not UTF-8 is reported by pre-flight, in one line, not here
+    return path.read_bytes().decode("utf-8", errors="replace") if path.is_file() else f"(missing: {path})"
+
+
 def stage_hashes(cfg) -> dict[str, str]:
+    """Each stage's identity: the run-level keys, the guard, its own section, what `stage_inputs`
+    declares it reads (other sections' settings, file contents), and its upstream stages' hashes."""
     dumped = cfg.model_dump(mode="json")
     run_level = {k: dumped[k] for k in RUN_LEVEL_KEYS}
     run_level["precision"] = resolve_precision(run_level["precision"])  # what the stages will run with
     hashes: dict[str, str] = {}
     for stage in STAGES:  # STAGES is in dependency order
-        own = {"run": run_level, "guard": dumped["guard"], stage: dumped[stage]}
-        if stage == "baseline":
-            own["prompts"] = dumped["compare"]["prompts"]  # the baseline generates for the eval prompts
-        if stage == "ppo" and cfg.ppo.ptx_coef > 0:
-            own["ptx_data"] = dumped["sft"]["data"]
-        if stage == "baseline":
-            prompt = Path(cfg.baseline.prompt_file)
-            # errors="replace": a file that is not UTF-8 is reported by pre-flight, in one line, not here
-            own["prompt_text"] = (prompt.read_bytes().decode("utf-8", errors="replace") if prompt.is_file()
-                                  else cfg.baseline.prompt_file)
-        own["upstream"] = {u: hashes[u] for u in upstream(cfg, stage)}
+        inputs = stage_inputs(cfg, stage)
+        own = {"run": run_level, "guard": dumped["guard"], stage: dumped[stage],
+               "reads": {k: _dotted(dumped, k) for k in inputs.settings},
+               "files": {k: _file_content(p) for k, p in inputs.files.items()},
+               "upstream": {u: hashes[u] for u in upstream(cfg, stage)}}
         hashes[stage] = config_hash(own)
     return hashes
 
@@ -156,7 +160,7 @@ def _prepare_stage_dir(cfg, run_dir: Path, stage: str, stage_hash: str, force: b
 
 def _ignore_sigint() -> None:
     # The launcher (`accelerate launch`) ignores Ctrl-C, so it prints no traceback; the stage process
-    # restores the default handler (stages.common.stage_main) and stops cleanly; the orchestrator waits.
+    # restores the default handler (stages.core.entry.stage_main) and stops cleanly; the orchestrator waits.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from stages.runtime import resolve_precision
+from stages.core.runtime import resolve_precision
 
 GiB = 1024**3
 
@@ -24,7 +24,7 @@ def _param_count(model_ref: str, trust_remote_code: bool) -> tuple[int, object]:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from stages.models import resolve_model
+    from stages.modeling.loading import resolve_model
 
     cfg = AutoConfig.from_pretrained(resolve_model(model_ref), trust_remote_code=trust_remote_code)
     with init_empty_weights(), torch.device("meta"):
@@ -104,7 +104,7 @@ def validate_data(cfg, stages: list[str]) -> list[str]:
 
 
 def check_models(cfg) -> str:
-    from stages.models import load_tokenizer
+    from stages.modeling.loading import load_tokenizer
 
     tok = load_tokenizer(cfg.model, cfg.trust_remote_code)
     return f"model {cfg.model}: tokenizer ok ({len(tok)} tokens, pad={tok.pad_token!r}, eos={tok.eos_token!r})"
@@ -131,7 +131,7 @@ def check_model_ref(ref: str, what: str) -> str:
     Hugging Face cache when offline (HF_HUB_OFFLINE); online it is looked up once, with no retries."""
     from pathlib import Path
 
-    from stages.models import ALIASES, ModelError
+    from stages.modeling.loading import ALIASES, ModelError
 
     if ref in ALIASES:
         return f"{what}: {ref} (embedded)"
@@ -172,12 +172,17 @@ def check_model_ref(ref: str, what: str) -> str:
     return f"{what}: {ref} (hub)"
 
 
-def _check_file(path: str, what: str) -> None:
+def _check_file(path: str, what: str, config_relative: bool = False) -> None:
+    """`path` is a readable UTF-8 file. config_relative: a relative path is looked up as the stage will
+    (the current directory, then the repo root: `resolve_config_path`)."""
     from pathlib import Path
 
-    from stages.common import StageError
+    from stages.core.config_schema import resolve_config_path
+    from stages.core.errors import StageError
 
     p = Path(path).expanduser()
+    if config_relative:
+        p = resolve_config_path(p)
     if not p.is_file():
         raise StageError(f"{what}: {path}: " + ("is a folder, not a file" if p.is_dir() else "no such file"))
     try:
@@ -210,8 +215,9 @@ def check_references(cfg, selected: list[str]) -> list[str]:
     """Everything the selected stages will open, resolved now: model folders and hub names, this
     run's stage outputs (checked by the orchestrator), the reward function, the baseline prompt, the
     accelerate config. Raises a one-line error; returns what was checked, for the preflight listing."""
-    from stages.common import STAGES, StageError
-    from stages.rewards import load_reward_fn
+    from stages.core.errors import StageError
+    from stages.core.run_folder import STAGES
+    from stages.rl.reward_functions import load_reward_fn
 
     lines = []
     if cfg.launch.accelerate_config:
@@ -241,14 +247,14 @@ def check_references(cfg, selected: list[str]) -> list[str]:
         model(p.value_init, "ppo.value_init", (*STAGES, "policy"))
     if "baseline" in selected:
         model(cfg.baseline.model or cfg.model, "baseline.model", ())
-        _check_file(cfg.baseline.prompt_file, "baseline.prompt_file")
+        _check_file(cfg.baseline.prompt_file, "baseline.prompt_file", config_relative=True)
     if "compare" in selected:
         for i, ref in enumerate(cfg.compare.models):
             model(ref, f"compare.models[{i}]")
         model(cfg.compare.reward_model, "compare.reward_model")
         model(cfg.compare.reference, "compare.reference")
         if "baseline" in cfg.compare.models or "baseline" in selected:
-            _check_file(cfg.baseline.prompt_file, "baseline.prompt_file")
+            _check_file(cfg.baseline.prompt_file, "baseline.prompt_file", config_relative=True)
     return lines
 
 
@@ -259,7 +265,7 @@ def check_writable(run_dir) -> None:
     import tempfile
     from pathlib import Path
 
-    from stages.common import StageError
+    from stages.core.errors import StageError
 
     probe = Path(run_dir)
     while not probe.exists() and probe.parent != probe:

@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 from data_schemas.files import atomic_write_json
-from stages.common import STAGES, StageError, stage_dir
+from stages.core.errors import StageError
+from stages.core.run_folder import STAGES, stage_dir
 
 DONE = "DONE"
 LOCK = ".lock"

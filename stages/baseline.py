@@ -14,55 +14,14 @@ from pathlib import Path
 
 from data_schemas.files import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from data_schemas.records import as_chat
-from stages.common import StageError, is_main_process, stage_dir, stage_main, write_stage_config, write_summary
-from stages.config import Decoding, RunConfig
-from stages.runtime import resolved, runtime_info
-from stages.responders import (BASELINE, PROMPT_COPY, Sample, baseline_model, load_prompt_text,
-                               prompt_sha256, responder_for)
-
-GENERATIONS = "generations.jsonl"
-SETTINGS = "generation_settings.json"
-
-
-def load_eval_prompts(cfg: RunConfig) -> list:
-    from data_schemas.loaders import load_prompts
-
-    prompts = load_prompts(cfg.compare.prompts)
-    if not prompts:
-        raise StageError(f"compare.prompts ({cfg.compare.prompts.source}) has no prompts")
-    return prompts
-
-
-def generation_settings(cfg: RunConfig, prompt_text: str, prompts: list, decoding: Decoding) -> dict:
-    """Everything that determines the baseline's samples; equal settings mean reusable samples."""
-    return {
-        "model": baseline_model(cfg),
-        "prompt_sha256": prompt_sha256(prompt_text),
-        "user_prefix": cfg.baseline.user_prefix,
-        "assistant_prefix": cfg.baseline.assistant_prefix,
-        "decoding": decoding.model_dump(),
-        "seed": cfg.seed,
-        "precision": cfg.precision,
-        "prompts_sha256": prompt_sha256(repr([(p.id, [(m.role, m.content) for m in p.messages]) for p in prompts])),
-    }
-
-
-def generation_rows(prompts: list, samples: list[Sample]) -> list[dict]:
-    return [{"id": p.id, "tags": list(p.tags), "messages": as_chat(p.messages), "response": s.text,
-             "num_tokens": s.num_tokens} for p, s in zip(prompts, samples)]
-
-
-def reusable_generations(run_dir: Path, settings: dict) -> list[dict] | None:
-    """The baseline stage's generations, if they were made with exactly these settings."""
-    import json
-
-    folder = stage_dir(run_dir, BASELINE)
-    try:
-        saved = json.loads((folder / SETTINGS).read_text())
-        rows = [json.loads(line) for line in (folder / GENERATIONS).read_text().splitlines() if line.strip()]
-    except (OSError, ValueError):
-        return None
-    return rows if saved == settings else None
+from stages.core.config_schema import RunConfig, stage_inputs
+from stages.core.entry import stage_main
+from stages.core.run_folder import is_main_process, stage_dir, write_stage_config, write_summary
+from stages.core.runtime import resolved, runtime_info
+from stages.evaluation.baseline_outputs import (BASELINE, GENERATIONS, PROMPT_COPY, SETTINGS, generation_rows,
+                                                generation_settings, load_eval_prompts)
+from stages.evaluation.dialogue_prompt import load_prompt_text
+from stages.evaluation.responders import responder_for
 
 
 def run(cfg: RunConfig, run_dir: Path) -> dict:
@@ -74,7 +33,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     out = stage_dir(run_dir, BASELINE)
     out.mkdir(parents=True, exist_ok=True)
     write_stage_config(run_dir, BASELINE, cfg)
-    prompts = load_eval_prompts(cfg)
+    prompts = load_eval_prompts(stage_inputs(cfg, BASELINE).settings["compare.prompts"])
     prompt_text = load_prompt_text(cfg.baseline.prompt_file)
     atomic_write_text(out / PROMPT_COPY, prompt_text)
 

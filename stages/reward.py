@@ -22,29 +22,25 @@ from pathlib import Path
 
 import torch
 
-from stages.common import (MetricsLogger, StageError, render_prompts, resolve_input_model, stage_dir, stage_main,
-                           write_stage_config, write_summary)
-from stages.config import RunConfig
-from stages.runtime import resolved, runtime_info
-from stages.reward_loss import build_comparisons, grouped_bt_loss, pair_gaps, preference_metrics
-from stages.trainloop import (Batch, LossOut, apply_lora, chunks, eval_shard, export_lora, fit, freeze_lower_layers,
-                              make_accelerator, pack_examples, save_hf_model, split_items)
+from stages.core.config_schema import RunConfig
+from stages.core.entry import stage_main
+from stages.core.errors import StageError
+from stages.core.metrics_log import MetricsLogger, close_stage
+from stages.core.run_folder import resolve_input_model, stage_dir, write_stage_config
+from stages.core.runtime import make_accelerator, resolved
+from stages.modeling.chat_format import render_prompts
+from stages.modeling.reward_scoring import packed_scores, padded_scores, reply_rows
+from stages.modeling.tensors import pad_rows
+from stages.modeling.trainable import apply_lora, freeze_lower_layers
+from stages.rl.preference_loss import group_comparisons, grouped_bt_loss, pair_gaps, preference_metrics
+from stages.training.data_order import chunks, eval_shard, pack_examples, split_items
+from stages.training.export import export_trained
+from stages.training.loop import Batch, LossOut, fit, run_facts
 
 STATS_FILE = "reward_stats.json"
 
 
 # ---- data ----
-
-def tokenize_group(tokenizer, prompt_text: str, replies: list[str], max_length: int) -> list[list[int]]:
-    """Token ids of prompt + reply + EOS for each reply. Too-long rows lose their oldest tokens,
-    so the reply's end (where the reward is read) always survives."""
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    rows = []
-    for reply in replies:
-        ids = prompt_ids + tokenizer(reply, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        rows.append(ids[-max_length:])
-    return rows
-
 
 def preference_groups(tokenizer, records, max_length: int) -> tuple[list[tuple[list[list[int]], float | None]], list[str]]:
     """PreferencePair / Ranking records -> (groups, prompt keys). A group is (rows best first, margin)."""
@@ -57,7 +53,7 @@ def preference_groups(tokenizer, records, max_length: int) -> tuple[list[tuple[l
             replies, margin = [rec.chosen, rec.rejected], rec.margin
         else:
             replies, margin = list(rec.responses), None
-        groups.append((tokenize_group(tokenizer, prompt_text, replies, max_length), margin))
+        groups.append((reply_rows(tokenizer, prompt_text, replies, max_length), margin))
         keys.append(prompt_text)
     return groups, keys
 
@@ -75,7 +71,7 @@ def collate_groups(groups, pad_id: int, padding_free: bool = False) -> Batch:
     Both: comps, the Comparisons (indices into the R rewards); count = number of groups (the loss unit).
     """
     rows = [r for g, _ in groups for r in g]
-    comps = build_comparisons([len(g) for g, _ in groups], [m for _, m in groups])
+    comps = group_comparisons([len(g) for g, _ in groups], [m for _, m in groups])
     if padding_free:
         bins = pack_examples([len(r) for r in rows], max(len(r) for r in rows))
         width = max(sum(len(rows[i]) for i in b) for b in bins)
@@ -93,12 +89,7 @@ def collate_groups(groups, pad_id: int, padding_free: bool = False) -> Batch:
             pos[k, at:] = torch.arange(width - at)
         return Batch({"input_ids": ids, "position_ids": pos, "ends": ends, "comps": comps,
                       "num_tokens": sum(len(r) for r in rows)}, count=len(groups))
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
-        mask[i, :len(r)] = 1
+    ids, mask = pad_rows(rows, pad_id)
     return Batch({"input_ids": ids, "attention_mask": mask, "comps": comps}, count=len(groups))
 
 
@@ -108,33 +99,13 @@ def batch_tokens(batch: Batch) -> int:
     return int(t["attention_mask"].sum()) if "attention_mask" in t else int(t["num_tokens"])
 
 
-def _score_head(model) -> torch.nn.Module:
-    """The classifier's `score` layer (through DDP, peft and accelerate wrappers)."""
-    inner = getattr(model, "module", model)
-    head = next((m for name, m in inner.named_modules() if name.rsplit(".", 1)[-1] == "score"), None)
-    if head is None:
-        raise StageError(f"{type(inner).__name__} has no `score` head for padding-free scoring; "
-                         "set reward.padding_free=false")
-    return head
-
-
 def score(model, batch: Batch) -> torch.Tensor:
-    """(R,) scalar rewards of the batch's rows."""
+    """(R,) scalar rewards of the batch's rows (stages/modeling/reward_scoring.py reads them)."""
     device = next(model.parameters()).device
     t = batch.tensors
     if "position_ids" in t:
-        # The classifier pools one position per row; with the replies packed into one row, read the
-        # score head's per-token output instead, at each reply's last token. Calling the full model
-        # (not its parts) keeps DDP's gradient hooks in play.
-        per_token = []
-        hook = _score_head(model).register_forward_hook(lambda _m, _i, out: per_token.append(out))
-        try:
-            model(input_ids=t["input_ids"].to(device), position_ids=t["position_ids"].to(device), use_cache=False)
-        finally:
-            hook.remove()
-        return per_token[-1].flatten(0, 1)[t["ends"].to(device), 0].float()
-    out = model(input_ids=t["input_ids"].to(device), attention_mask=t["attention_mask"].to(device), use_cache=False)
-    return out.logits[:, 0].float()
+        return packed_scores(model, t["input_ids"].to(device), t["position_ids"].to(device), t["ends"].to(device))
+    return padded_scores(model, t["input_ids"].to(device), t["attention_mask"].to(device))
 
 
 def make_loss_fn(use_margin: bool):
@@ -173,7 +144,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     from accelerate.utils import set_seed
 
     from data_schemas.loaders import load_preferences
-    from stages.models import load_reward_model, load_tokenizer
+    from stages.modeling.loading import load_reward_model, load_tokenizer
 
     run_dir, rc, t_start = Path(run_dir), cfg.reward, time.time()
     out_dir = stage_dir(run_dir, "reward")
@@ -218,22 +189,14 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
         m = evaluate_groups(model, train, accelerator, rc.batch_size, tokenizer.pad_token_id, rc.use_margin,
                             rc.padding_free)
         stats = {"mean": m["reward_mean"], "std": m["reward_std"], "split": "train", "n": sum(len(g) for g, _ in train)}
-    if rc.lora.enabled:
-        export_lora(accelerator, model, tokenizer, None, out_dir / "model", extra_files={STATS_FILE: stats})
-    else:
-        save_hf_model(accelerator, model, tokenizer, out_dir / "model", extra_files={STATS_FILE: stats})
+    export_trained(accelerator, model, tokenizer, out_dir, lora=rc.lora.enabled, extra_files={STATS_FILE: stats})
 
     summary = {"eval_accuracy": results.get("eval_accuracy"), "eval_margin": results.get("eval_margin"),
                "eval_loss": results.get("eval_loss"), "reward_mean": stats["mean"], "reward_std": stats["std"],
                "train_loss": results["train_loss"], "steps": results["steps"], "resumed_from": results["resumed_from"],
                "train_groups": len(train), "eval_groups": len(evals), "init_from": init,
-               "wall_s": round(time.time() - t_start, 2), "world_size": results["world_size"],
-               "items_per_rank": results["items_per_rank"], "spike_events": results["spike_events"],
-               **runtime_info(cfg.precision)}
-    if accelerator.is_main_process:
-        write_summary(run_dir, "reward", summary)
-    logger.close()
-    return summary
+               **run_facts(results, t_start, cfg.precision)}
+    return close_stage(run_dir, "reward", summary, logger, accelerator.is_main_process)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
     accelerate launch -m stages.sft --run-dir D       # D/config.yaml holds the resolved config
 
 Loss: next-token cross-entropy on assistant tokens only, found through the chat template's
-{% generation %} markers. Full fine-tuning or LoRA (`sft.lora.enabled`). Output: D/sft/model, a
+{% generation %} markers (stages/modeling/chat_format.py). Full fine-tuning or LoRA (`sft.lora.enabled`). Output: D/sft/model, a
 plain HF checkpoint (for LoRA also D/sft/adapter; D/sft/model is then the merged model).
 """
 from __future__ import annotations
@@ -15,28 +15,20 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from stages.common import MetricsLogger, StageError, stage_dir, stage_main, write_stage_config, write_summary
-from stages.config import RunConfig
-from stages.runtime import resolved, runtime_info
-from stages.trainloop import (Batch, LossOut, apply_lora, chunks, eval_shard, export_lora, fit, make_accelerator,
-                              pack_examples, save_hf_model, split_items)
-
-IGNORE = -100
-
+from stages.core.config_schema import RunConfig
+from stages.core.entry import stage_main
+from stages.core.errors import StageError
+from stages.core.metrics_log import MetricsLogger, close_stage
+from stages.core.run_folder import stage_dir, write_stage_config
+from stages.core.runtime import make_accelerator, resolved
+from stages.modeling.chat_format import IGNORE, tokenize_demonstration
+from stages.modeling.tensors import pad_rows
+from stages.modeling.trainable import apply_lora
+from stages.training.data_order import chunks, eval_shard, pack_examples, split_items
+from stages.training.export import export_trained
+from stages.training.loop import Batch, LossOut, fit, run_facts
 
 # ---- data ----
-
-def tokenize_demonstration(tokenizer, messages, max_length: int) -> tuple[list[int], list[int]] | None:
-    """(input_ids, targets): targets are the ids on assistant tokens and IGNORE elsewhere. Right-truncated
-    to max_length; None if no assistant token survives the truncation."""
-    enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-    ids = list(enc["input_ids"])[:max_length]
-    mask = list(enc["assistant_masks"])[:max_length]
-    targets = [t if m else IGNORE for t, m in zip(ids, mask)]
-    if not any(m for m in mask[1:]):  # the first token is never predicted
-        return None
-    return ids, targets
-
 
 def collate_padding_free(examples: list[tuple[list[int], list[int]]]) -> Batch:
     """All sequences of the micro-batch concatenated into one row (1, N) with per-sequence
@@ -61,14 +53,8 @@ def collate_padding_free(examples: list[tuple[list[int], list[int]]]) -> Batch:
 
 def collate_padded(examples: list[tuple[list[int], list[int]]], pad_id: int) -> Batch:
     """Right-padded rows: input_ids, attention_mask, targets (B, T) (IGNORE on pad and non-assistant)."""
-    width = max(len(s) for s, _ in examples)
-    ids = torch.full((len(examples), width), pad_id)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    tgt = torch.full((len(examples), width), IGNORE)
-    for r, (seq, t) in enumerate(examples):
-        ids[r, :len(seq)] = torch.tensor(seq)
-        mask[r, :len(seq)] = 1
-        tgt[r, :len(t)] = torch.tensor(t)
+    ids, mask = pad_rows([seq for seq, _ in examples], pad_id)
+    tgt, _ = pad_rows([t for _, t in examples], IGNORE)
     return Batch({"input_ids": ids, "attention_mask": mask, "targets": tgt}, count=int((tgt[:, 1:] != IGNORE).sum()))
 
 
@@ -99,7 +85,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
 
     from data_schemas.loaders import load_demonstrations
     from data_schemas.records import as_chat
-    from stages.models import load_causal_lm, load_tokenizer
+    from stages.modeling.loading import load_causal_lm, load_tokenizer
 
     run_dir, sc, t_start = Path(run_dir), cfg.sft, time.time()
     out_dir = stage_dir(run_dir, "sft")
@@ -156,20 +142,12 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
                          n_train=len(items), make_batch=make_batch, loss_fn=sft_loss, evaluate=evaluate, logger=logger)
 
     # ---- export ----
-    if sc.lora.enabled:
-        export_lora(accelerator, model, tokenizer, out_dir / "adapter", out_dir / "model" if sc.merge_lora else None)
-    else:
-        save_hf_model(accelerator, model, tokenizer, out_dir / "model")
+    export_trained(accelerator, model, tokenizer, out_dir, lora=sc.lora.enabled, adapter=True, merged=sc.merge_lora)
 
     summary = {"train_loss": results["train_loss"], "eval_loss": results.get("eval_loss"), "steps": results["steps"],
                "resumed_from": results["resumed_from"], "train_examples": len(train), "eval_examples": len(evals),
-               "wall_s": round(time.time() - t_start, 2), "world_size": results["world_size"],
-               "items_per_rank": results["items_per_rank"], "spike_events": results["spike_events"],
-               **runtime_info(cfg.precision)}
-    if accelerator.is_main_process:
-        write_summary(run_dir, "sft", summary)
-    logger.close()
-    return summary
+               **run_facts(results, t_start, cfg.precision)}
+    return close_stage(run_dir, "sft", summary, logger, accelerator.is_main_process)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def make_run(root: Path, with_ppo: bool = True) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForSequenceClassification
 
-    from stages.models import load_tokenizer, prepare_tiny_model
+    from stages.modeling.loading import load_tokenizer, prepare_tiny_model
 
     tiny = prepare_tiny_model()
     run = root / "run"
@@ -61,6 +61,6 @@ def make_run(root: Path, with_ppo: bool = True) -> Path:
 
 
 def load_cfg(run: Path):
-    from stages.config import RunConfig
+    from stages.core.config_schema import RunConfig
 
     return RunConfig.from_resolved(yaml.safe_load((run / "config.yaml").read_text()))

@@ -14,7 +14,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
-    from stages.models import prepare_tiny_model
+    from stages.modeling.loading import prepare_tiny_model
 
     return prepare_tiny_model()
 

@@ -168,7 +168,7 @@ FILESYSTEM = [
     ("compare reference missing", ["run", "{tiny}", "--dry-run", "runs_root={runs}", "compare.reference=/no/ref"], "compare.reference: model folder /no/ref"),
     ("reward_fn bad form", ["run", "{tiny}", "--dry-run", "runs_root={runs}", "ppo.reward_fn=foo"], "must look like 'module:function'"),
     ("reward_fn no module", ["run", "{tiny}", "--dry-run", "runs_root={runs}", "ppo.reward_fn=no_such_mod_xyz:f"], "cannot import 'no_such_mod_xyz'"),
-    ("reward_fn no function", ["run", "{tiny}", "--dry-run", "runs_root={runs}", "ppo.reward_fn=stages.rewards:nope"], "has no function 'nope'"),
+    ("reward_fn no function", ["run", "{tiny}", "--dry-run", "runs_root={runs}", "ppo.reward_fn=stages.rl.reward_functions:nope"], "has no function 'nope'"),
     ("run data missing", ["run", "{tiny}", "--dry-run", "runs_root={runs}", "sft.data.source={tmp}/nope.jsonl"], "file not found"),
     ("chat: model folder missing", ["chat", "/nonexistent/model"], "chat: model folder /nonexistent/model does not exist"),
     ("chat: hub name offline", ["chat", "nobody/no-such-model-xyz"], "HF_HUB_OFFLINE is set"),

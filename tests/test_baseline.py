@@ -3,12 +3,13 @@ and in real generation on the tiny model), the prompt file, and the baseline sta
 import json
 
 import pytest
-
 from compare_fixtures import PROMPTS, load_cfg, make_run
-from stages.common import StageError
-from stages.config import Decoding
-from stages.responders import (REPO_ROOT, PromptedBaseline, load_prompt_text, render_transcript, stop_strings_for,
-                               truncate_at_stop)
+
+from stages.core.config_schema import Decoding
+from stages.core.errors import StageError
+from stages.evaluation.dialogue_prompt import (REPO_ROOT, load_prompt_text, render_transcript, stop_strings_for,
+                                               truncate_at_stop)
+from stages.evaluation.responders import PromptedBaseline
 
 STOPS = stop_strings_for("User:", "Assistant:")
 
@@ -32,7 +33,7 @@ def test_render_transcript_ends_with_an_open_assistant_turn():
 
 
 def test_shipped_prompt_is_ours_short_and_has_the_example_turns(tiny_model_dir):
-    from stages.models import load_tokenizer
+    from stages.modeling.loading import load_tokenizer
 
     text = load_prompt_text("configs/prompts/dialogue_prompted.txt")
     assert text.count("\nUser:") >= 4 and text.count("\nAssistant:") >= 4
@@ -95,7 +96,7 @@ def test_baseline_stage_writes_prompt_and_generations(tmp_path):
 
 
 def test_shared_prefix_helpers():
-    from stages.responders import middle_padded, shared_prefix_len
+    from stages.evaluation.responders import middle_padded, shared_prefix_len
 
     assert shared_prefix_len([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
     assert shared_prefix_len([[1, 2, 3], [1, 2, 3]]) == 2  # each row keeps one token of its own
@@ -111,7 +112,7 @@ def test_cached_dialogue_prompt_gives_the_same_samples(tiny_model_dir, monkeypat
     must be token-for-token those of running every full prompt through the model."""
     import torch
 
-    from stages import responders
+    from stages.evaluation import responders
 
     decoding = Decoding(max_new_tokens=6, temperature=1.0, top_p=1.0, batch_size=2)
     bot = PromptedBaseline("baseline", str(tiny_model_dir), decoding,

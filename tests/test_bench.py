@@ -31,7 +31,7 @@ def test_step_stats_with_cpu_clock():
 
 
 def test_metrics_logger_hook_stamps_first_row_per_step(tmp_path):
-    from stages.common import MetricsLogger
+    from stages.core.metrics_log import MetricsLogger
 
     orig = MetricsLogger.log
     rows = []

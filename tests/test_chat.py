@@ -5,10 +5,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from compare_fixtures import make_run
+
 from pipeline.chat import resolve_target, side_by_side
-from stages.common import StageError
+from stages.core.errors import StageError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,9 +6,9 @@ import math
 import numpy as np
 import pytest
 import yaml
-
 from compare_fixtures import load_cfg, make_run, tiny_config
-from stages import compare_metrics as cm
+
+from stages.evaluation import metrics as cm
 
 # ---- pure metrics ----
 
@@ -76,12 +76,12 @@ def test_offensive_scores_insults_not_polite_text():
 
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
-    from stages import baseline, evaluate
+    from stages import baseline, compare
 
     run = make_run(tmp_path_factory.mktemp("cmp"))
     cfg = load_cfg(run)
     baseline.run(cfg, run)
-    summary = evaluate.run(cfg, run)
+    summary = compare.run(cfg, run)
     return run, json.loads((run / "compare" / "metrics.json").read_text()), summary
 
 
@@ -90,11 +90,11 @@ def test_generation_logprobs_equal_a_separate_scoring_pass(tiny_model_dir):
     (KV-cached, one step at a time) instead of a second forward pass: the sums must be the ones that
     full forward pass gives, with temperature and top-p in the sampler not leaking into them."""
     import torch
-
     from compare_fixtures import PROMPTS
-    from stages.config import Decoding
-    from stages.evaluate import response_logprob_sums
-    from stages.responders import ChatModel
+
+    from stages.core.config_schema import Decoding
+    from stages.evaluation.judges import response_logprob_sums
+    from stages.evaluation.responders import ChatModel
 
     bot = ChatModel("sft", str(tiny_model_dir), Decoding(max_new_tokens=10, temperature=0.7, top_p=0.9, batch_size=3))
     torch.manual_seed(0)
@@ -156,7 +156,7 @@ def test_compare_writes_generations_report_and_plots(compared):
 
 
 def test_report_escapes_model_output(compared, tmp_path):
-    from stages.report import write_report
+    from stages.evaluation.report import write_report
 
     run, m, _ = compared
     gen_dir = run / "compare" / "generations"
@@ -175,18 +175,18 @@ def test_report_escapes_model_output(compared, tmp_path):
 
 
 def test_compare_needs_the_models_it_names(compared, tmp_path):
-    from stages import evaluate
-    from stages.common import StageError
+    from stages import compare
+    from stages.core.errors import StageError
 
     run, _, _ = compared
     empty_run = tmp_path / "empty"  # same config, but no stage has produced a model here
     with pytest.raises(StageError, match="needs the sft stage's model"):
-        evaluate.run(load_cfg(run), empty_run)
+        compare.run(load_cfg(run), empty_run)
 
 
 def test_compare_entry_point_gives_one_line_error(tmp_path, capsys):
-    from stages.common import stage_main
-    from stages.evaluate import run as compare_run
+    from stages.compare import run as compare_run
+    from stages.core.entry import stage_main
 
     cfg = tiny_config(tmp_path / "run", tmp_path / "missing.jsonl")
     (tmp_path / "run").mkdir()

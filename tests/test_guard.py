@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from stages.common import StageError
-from stages.config import GuardConfig
-from stages.guard import SpikeGuard, spike_reason
+from stages.core.config_schema import GuardConfig
+from stages.core.errors import StageError
+from stages.training.guard import SpikeGuard, spike_reason
 
 CFG = GuardConfig(spike_factor=4.0, min_history=3, window=10, snapshot_every=5, skip_batches=3, max_events=3)
 

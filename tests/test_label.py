@@ -262,11 +262,11 @@ def test_generate_with_models_then_reuse_the_saved_answers(tmp_path, monkeypatch
     assert sorted(p.name for p in folder.iterdir()) == ["baseline.jsonl", "tiny-random-llama.jsonl"]
     assert len(gens) == 6 and {g.model for g in gens} == {"baseline", "tiny-random-llama"}
 
-    import stages.responders
+    import stages.evaluation.responders
 
     def no_model(*a, **k):
         raise AssertionError("must reuse the saved generations")
 
-    monkeypatch.setattr(stages.responders, "responder_for", no_model)
+    monkeypatch.setattr(stages.evaluation.responders, "responder_for", no_model)
     again = label.generate_for_labels(str(cfg), ["baseline", "tiny-random-llama"], folder)
     assert again == gens

@@ -221,7 +221,7 @@ def test_label_five_kill_resume_and_train_reward(tmp_path, browser):
     assert next(r for r in rows if r["meta"]["comparison_id"] == order[6])["meta"]["label"] == "both_bad"
 
     # ---- the file is preference data for the reward stage as it is ----
-    from stages.config import RunConfig
+    from stages.core.config_schema import RunConfig
     from stages.reward import run as run_reward
 
     cfg = RunConfig.model_validate({

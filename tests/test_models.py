@@ -32,7 +32,7 @@ print(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
 
 
 def test_chat_template_has_generation_markers_and_renders_like_the_original(tiny_model_dir):
-    from stages.models import load_tokenizer
+    from stages.modeling.loading import load_tokenizer
 
     tok = load_tokenizer(str(tiny_model_dir))
     msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
@@ -48,7 +48,7 @@ def test_chat_template_has_generation_markers_and_renders_like_the_original(tiny
 def test_unknown_model_is_a_one_line_error(tmp_path):
     import pytest
 
-    from stages.models import ModelError, load_tokenizer
+    from stages.modeling.loading import ModelError, load_tokenizer
 
     with pytest.raises(ModelError) as e:
         load_tokenizer(str(tmp_path / "nope"))

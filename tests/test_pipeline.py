@@ -43,7 +43,7 @@ def test_full_run_writes_the_contract(tiny_run):
     assert (run_dir / "compare" / "report.html").exists() and (run_dir / "compare" / "report.md").exists()
     assert not list(run_dir.rglob("*.tmp")) and not list(run_dir.rglob(".*.partial"))
     # every stage records the precision and intra-op threads it really ran with (one process each here)
-    from stages.runtime import intra_op_threads, resolve_precision
+    from stages.core.runtime import intra_op_threads, resolve_precision
 
     for s in STAGES:
         metrics = manifest["stages"][s]["metrics"]

@@ -16,8 +16,9 @@ import torch
 import yaml
 
 from stages import ppo
-from stages.common import StageError, read_metrics
-from stages.config import RunConfig
+from stages.core.config_schema import RunConfig
+from stages.core.errors import StageError
+from stages.core.metrics_log import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_PPO = {"prompts": {"source": "default:prompts", "limit": 16}, "iterations": 2, "batch_size": 4,
@@ -32,7 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory, tiny_model_dir):
     """sft/model (causal LM) and reward/model (1-label classifier + reward_stats.json) from the tiny model."""
-    from stages.models import load_causal_lm, load_reward_model, load_tokenizer
+    from stages.modeling.loading import load_causal_lm, load_reward_model, load_tokenizer
 
     root = tmp_path_factory.mktemp("upstream")
     tok = load_tokenizer(str(tiny_model_dir))
@@ -118,7 +119,7 @@ def test_two_iterations_artifacts_training_and_frozen_reference(tmp_path, upstre
     assert not any(p.requires_grad for p in m.reward.parameters())
 
     # The export is a plain causal LM holding the trained weights.
-    from stages.models import load_causal_lm
+    from stages.modeling.loading import load_causal_lm
 
     exported = dict(load_causal_lm(str(out / "model")).named_parameters())
     name = changed[0]
@@ -193,7 +194,7 @@ def test_lora_reference_is_the_adapter_disabled_policy(tmp_path, upstream, monke
     assert seen["models"].ref is None
     assert len(calls) >= 2  # one reference pass per iteration, through the adapter-disabled policy
     # Policy + reference hold one base: the policy's storage is exactly the base plus the adapters.
-    from stages.models import load_causal_lm
+    from stages.modeling.loading import load_causal_lm
 
     base = _unique_numel(load_causal_lm(str(upstream / "sft" / "model")))
     assert seen["adapters"] > 0 and seen["policy_storage"] == base + seen["adapters"]
@@ -222,8 +223,9 @@ def _unique_numel(*modules) -> int:
 
 
 def test_value_lora_shares_the_reward_model_base(tmp_path, upstream):
-    from stages.models import load_reward_model
-    from stages.ppo_models import last_token_scores, load_models, reward_scores
+    from stages.modeling.loading import load_reward_model
+    from stages.modeling.reward_scoring import last_token_scores
+    from stages.rl.ppo_models import load_models, reward_model_scores
 
     cfg, run_dir = make_run(tmp_path, upstream, value_lora={"enabled": True, "r": 4, "alpha": 8})
     m = load_models(cfg, run_dir, pad_token_id=0)
@@ -239,7 +241,7 @@ def test_value_lora_shares_the_reward_model_base(tmp_path, upstream):
     rm = load_reward_model(str(upstream / "reward" / "model"))
     with torch.no_grad():
         expected = last_token_scores(rm, ids, attn, pos)
-        got = reward_scores(m, m.value, ids, attn, pos)
+        got = reward_model_scores(m, m.value, ids, attn, pos)
         values = m.value(ids, attn, pos, 4)
     assert torch.allclose(got, expected, atol=1e-6)
     assert not torch.allclose(values[:, -1], expected, atol=1e-3)  # the value path does use the adapter
@@ -320,7 +322,7 @@ def test_adaptive_k3_ema_ptx_and_missing_stats(tmp_path, upstream, monkeypatch, 
     # the live policy that the same checkpoint holds.
     from safetensors.torch import load_file
 
-    from stages.models import load_causal_lm
+    from stages.modeling.loading import load_causal_lm
 
     ckpt = run_dir / "ppo" / "checkpoints" / "iter-2"
     ema, live = load_file(str(ckpt / "ema.safetensors")), load_file(str(ckpt / "policy.safetensors"))
@@ -333,18 +335,20 @@ def test_adaptive_k3_ema_ptx_and_missing_stats(tmp_path, upstream, monkeypatch, 
 
 
 def test_bad_reward_fn_is_one_clear_error(tmp_path, upstream):
-    cfg, run_dir = make_run(tmp_path, upstream, reward_fn="stages.rewards:no_such_fn")
+    cfg, run_dir = make_run(tmp_path, upstream, reward_fn="stages.rl.reward_functions:no_such_fn")
     with pytest.raises(StageError, match="no function 'no_such_fn'"):
         ppo.run(cfg, run_dir)
 
 
 def test_shape_scores_normalise_clip_then_penalise():
+    from stages.rl.rollout import shape_scores
+
     raw = torch.tensor([0.1, 20.1, -3.9])
-    out = ppo.shape_scores(raw, {"mean": 0.1, "std": 2.0}, clip=5.0, missing_eos_penalty=1.0,
+    out = shape_scores(raw, {"mean": 0.1, "std": 2.0}, clip=5.0, missing_eos_penalty=1.0,
                            has_eos=torch.tensor([True, True, False]))
     # (0.1-0.1)/2 = 0;  (20.1-0.1)/2 = 10 -> clipped to 5;  (-3.9-0.1)/2 = -2, no EOS: -2 - 1 = -3
     assert torch.allclose(out, torch.tensor([0.0, 5.0, -3.0]))
-    assert torch.allclose(ppo.shape_scores(raw, None, None, None, torch.tensor([False] * 3)), raw)
+    assert torch.allclose(shape_scores(raw, None, None, None, torch.tensor([False] * 3)), raw)
 
 
 # ---- learning: a verifiable reward goes up ----
@@ -359,8 +363,8 @@ def word_policy(tiny_model_dir, out: Path) -> None:
     direction after RMSNorm; the eight words (and EOS) get a large value there, so their logits
     stand above the other 49k tokens in every context. Half of the words are in the target set of
     `target_word_fraction`, so the initial reward is about 0.5 and PPO has room to raise it."""
-    from stages.models import load_causal_lm, load_tokenizer
-    from stages.rewards import TARGET_WORDS
+    from stages.modeling.loading import load_causal_lm, load_tokenizer
+    from stages.rl.reward_functions import TARGET_WORDS
 
     assert set(WORDS[:4]) <= TARGET_WORDS and not set(WORDS[4:]) & TARGET_WORDS
     tok = load_tokenizer(str(tiny_model_dir))
@@ -377,7 +381,7 @@ def word_policy(tiny_model_dir, out: Path) -> None:
 
 
 LEARN = dict(iterations=20, batch_size=16, mini_batch_size=8, ppo_epochs=2, max_new_tokens=4, lr=3e-4,
-             reward_fn="stages.rewards:target_word_fraction", value_init="policy", missing_eos_penalty=None,
+             reward_fn="stages.rl.reward_functions:target_word_fraction", value_init="policy", missing_eos_penalty=None,
              save_every=100)
 
 
@@ -398,7 +402,7 @@ def test_ppo_raises_a_verifiable_reward(tmp_path, tiny_model_dir):
 def test_ppo_raises_a_verifiable_reward_smollm2(tmp_path):
     """SmolLM2-135M-Instruct (LoRA policy and value) with the negative-length reward: answers get
     shorter (EOS earlier) within KL bounds. About 6 minutes on 2 busy CPU cores."""
-    from stages.models import resolve_model
+    from stages.modeling.loading import resolve_model
 
     run_dir = tmp_path / "learn"
     (run_dir / "sft").mkdir(parents=True)
@@ -406,7 +410,7 @@ def test_ppo_raises_a_verifiable_reward_smollm2(tmp_path):
     cfg = RunConfig.model_validate({"name": "learn", "model": "smollm2-135m-instruct", "ppo": {
         **TINY_PPO, "prompts": {"source": "default:prompts"}, "iterations": 10, "batch_size": 8,
         "mini_batch_size": 4, "ppo_epochs": 1, "max_new_tokens": 32, "lr": 2e-4, "lora": {"enabled": True},
-        "value_lora": {"enabled": True}, "value_init": "policy", "reward_fn": "stages.rewards:negative_length",
+        "value_lora": {"enabled": True}, "value_init": "policy", "reward_fn": "stages.rl.reward_functions:negative_length",
         "missing_eos_penalty": None, "save_every": 100}})
     ppo.run(cfg, run_dir)
     rows = _rows(run_dir)

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from stages.ppo_math import (
-    AdaptiveKLController, FixedKLController, clipped_policy_loss, clipped_value_loss, entropy_from_logits,
-    gae, kl_k1, kl_k3, kl_penalized_rewards, make_kl_controller, masked_mean, masked_var, masked_whiten,
-)
+from stages.modeling.tensors import entropy_from_logits
+from stages.rl.ppo_math import (AdaptiveKLController, FixedKLController, clipped_policy_loss, clipped_value_loss, gae,
+                                kl_k1, kl_k3, kl_penalized_rewards, make_kl_controller, masked_mean, masked_var,
+                                masked_whiten)
 
 t = torch.tensor
 

@@ -6,8 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages import runtime
-from stages.common import generate, logprobs_from_logits, render_prompts
+from stages.core import runtime
+from stages.modeling.chat_format import render_prompts
+from stages.modeling.generation import generate
+from stages.modeling.tensors import logprobs_from_logits
 
 # bf16 keeps 8 bits of mantissa: per-token log-probs of the tiny model move by up to this much.
 BF16_LOGPROB_TOL = 0.05   # nats, max over tokens
@@ -69,7 +71,7 @@ def test_launcher_passes_the_thread_count(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    from stages.models import load_causal_lm, load_tokenizer
+    from stages.modeling.loading import load_causal_lm, load_tokenizer
 
     tok = load_tokenizer(str(tiny_model_dir))
     model = load_causal_lm(str(tiny_model_dir)).eval()
@@ -114,7 +116,7 @@ def test_bf16_and_fp32_log_probs_agree_within_tolerance(tiny):
 def test_frozen_autocast_layout_computes_exactly_what_the_trainable_copy_computes(tiny, tiny_model_dir):
     """PPO's reference and reward model live in this layout; the policy is fp32 under autocast. Before
     any update they must agree bit for bit, or KL starts away from 0."""
-    from stages.models import load_causal_lm
+    from stages.modeling.loading import load_causal_lm
 
     tok, model, texts = tiny
     frozen = runtime.autocast_layout(load_causal_lm(str(tiny_model_dir)), "bf16").eval()

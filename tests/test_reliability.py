@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from pipeline.cli import main
 from test_distributed_and_kill import INSTRUMENT, rlhf
 from test_ppo import make_run, upstream  # noqa: F401 - `upstream` is a fixture
+
+from pipeline.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
@@ -78,7 +78,7 @@ def test_second_run_on_the_same_folder_is_refused_while_the_first_runs(tmp_path,
 
 def test_lock_is_exclusive_and_names_the_owner(tmp_path):
     from pipeline.rundir import RunLock
-    from stages.common import StageError
+    from stages.core.errors import StageError
 
     held = RunLock(tmp_path).acquire()
     try:
@@ -108,7 +108,7 @@ def test_run_dir_must_resolve_inside_runs_root(tmp_path):
     from types import SimpleNamespace
 
     from pipeline.rundir import run_dir_for
-    from stages.common import StageError
+    from stages.core.errors import StageError
 
     root = tmp_path / "runs"
     root.mkdir()
@@ -137,7 +137,7 @@ def test_force_removes_only_what_the_pipeline_wrote(tmp_path):
 PREFLIGHT_ERRORS = [
     ("ppo.reward_fn=foo", "error: ppo.reward_fn 'foo' must look like 'module:function'"),
     ("ppo.reward_fn=no_such_module_xyz:f", "error: ppo.reward_fn 'no_such_module_xyz:f': cannot import"),
-    ("ppo.reward_fn=stages.rewards:no_such_fn", "error: ppo.reward_fn 'stages.rewards:no_such_fn': stages.rewards has no function"),
+    ("ppo.reward_fn=stages.rl.reward_functions:no_such_fn", "error: ppo.reward_fn 'stages.rl.reward_functions:no_such_fn': stages.rl.reward_functions has no function"),
     ("launch.accelerate_config=/nope.yaml", "error: launch.accelerate_config: /nope.yaml: no such file"),
     (f"launch.accelerate_config={TINY}", "config error: launch.accelerate_config: " + TINY + ": not an accelerate config"),
     ("compare.models=[sft,nope]", "error: compare.models[1]: nope is not a local folder and not in the Hugging Face cache"),
@@ -223,7 +223,7 @@ def test_full_disk_on_a_3mb_tmpfs_is_one_line_and_failed(small_tmpfs, tiny_model
 def test_disk_full_is_recognised_whatever_raised_it(tmp_path):
     import errno
 
-    from stages.common import disk_full_error
+    from stages.core.errors import disk_full_error
 
     class SafetensorError(Exception):
         pass
@@ -303,9 +303,9 @@ def test_empty_and_duplicate_key_yaml_are_rejected(tmp_path, capsys, text, expec
 def test_guard_that_ends_on_a_rollback_fails(tmp_path):
     import torch
 
-    from stages.common import StageError
-    from stages.config import GuardConfig
-    from stages.guard import SpikeGuard
+    from stages.core.config_schema import GuardConfig
+    from stages.core.errors import StageError
+    from stages.training.guard import SpikeGuard
 
     lin = torch.nn.Linear(2, 2)
     guard = SpikeGuard(GuardConfig(), {"model": lin})
@@ -322,7 +322,7 @@ def test_guard_that_ends_on_a_rollback_fails(tmp_path):
 
 def test_ppo_whose_guard_restores_step_0_fails_instead_of_exporting(tmp_path, upstream):  # noqa: F811
     from stages import ppo
-    from stages.common import StageError
+    from stages.core.errors import StageError
 
     cfg, run_dir = make_run(tmp_path, upstream, lr=1e30, value_lr=1e30)  # finite, and ruinous
     with pytest.raises(StageError, match="spike guard: training ended without a good step after the last spike"):
@@ -350,7 +350,7 @@ def test_atomic_writes_get_the_usual_file_mode(tmp_path):
 
 
 def test_report_md_does_not_render_links_or_images_from_model_text():
-    from stages.report import md_text
+    from stages.evaluation.report import md_text
 
     text = md_text("click [here](http://evil.example) ![x](http://evil.example/i.png) **loud** <b>")
     assert "[here](" not in text and "![x](" not in text and "**loud**" not in text and "<b>" not in text
@@ -368,7 +368,7 @@ def test_data_preview_shortens_huge_fields(tmp_path, capsys):
 
 
 def test_reward_model_load_is_one_plain_line(tiny_model_dir, capfd):
-    from stages.models import load_reward_model
+    from stages.modeling.loading import load_reward_model
 
     load_reward_model(str(tiny_model_dir))
     err = capfd.readouterr().err
@@ -379,8 +379,8 @@ def test_reward_model_load_is_one_plain_line(tiny_model_dir, capfd):
 def test_shared_prefix_generation_has_no_deprecation_warning(tiny_model_dir):
     import warnings
 
-    from stages.config import Decoding
-    from stages.responders import PromptedBaseline
+    from stages.core.config_schema import Decoding
+    from stages.evaluation.responders import PromptedBaseline
 
     preamble = (REPO / "configs" / "prompts" / "dialogue_prompted.txt").read_text()
     bot = PromptedBaseline("baseline", str(tiny_model_dir), Decoding(max_new_tokens=2, temperature=0), preamble)
@@ -398,7 +398,7 @@ import random, sys
 import psutil, torch
 heap = None
 if sys.argv[1] == "stage":
-    from stages.runtime import HeapTrim
+    from stages.core.runtime import HeapTrim
     heap = HeapTrim()
 rng, keep, rss = random.Random(0), [], []
 for step in range(30):

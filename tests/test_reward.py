@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.config import RunConfig
-from stages.models import TINY_MODEL, load_reward_model, load_tokenizer
+from stages.core.config_schema import RunConfig
+from stages.modeling.loading import TINY_MODEL, load_reward_model, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,10 +79,10 @@ def test_padding_free_packs_whole_replies_into_rows_of_the_longest():
 @pytest.mark.parametrize("lora", [False, True])
 def test_padding_free_rewards_and_loss_equal_padded(tiny_model_dir, lora):
     from data_schemas.records import PreferencePair, Ranking
-    from stages.config import LoRAConfig
-    from stages.models import load_reward_model
+    from stages.core.config_schema import LoRAConfig
+    from stages.modeling.loading import load_reward_model
+    from stages.modeling.trainable import apply_lora
     from stages.reward import collate_groups, make_loss_fn, preference_groups, score
-    from stages.trainloop import apply_lora
 
     tok = load_tokenizer(TINY_MODEL)
     recs = [PreferencePair(prompt=[{"role": "user", "content": "Say hi."}], chosen="Hi there, nice to meet you!",
@@ -168,7 +168,7 @@ def test_reward_lora_merges_into_a_plain_checkpoint(tmp_path, tiny_model_dir):
 
 
 def test_init_from_sft_needs_the_sft_model(tmp_path):
-    from stages.common import StageError
+    from stages.core.errors import StageError
     from stages.reward import run
 
     with pytest.raises(StageError, match="run `rlhf sft` first"):
@@ -202,7 +202,7 @@ def test_freeze_layers_trains_only_the_top(tmp_path, tiny_model_dir):
 def test_freeze_layers_bounds_and_lora_conflict(tmp_path, tiny_model_dir):
     from pydantic import ValidationError
 
-    from stages.common import StageError
+    from stages.core.errors import StageError
     from stages.reward import run
 
     with pytest.raises(StageError, match="freeze_layers=2 but the model has 2 layers"):

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from stages.reward_loss import build_comparisons, grouped_bt_loss, kwise_bt_loss, pair_gaps, preference_metrics, ranking_pairs
+from stages.rl.preference_loss import (group_comparisons, grouped_bt_loss, kwise_bt_loss, pair_gaps, preference_metrics,
+                                       ranking_pairs)
 
 
 def _nls(x):  # -log sigmoid(x), by hand
@@ -35,7 +36,7 @@ def test_kwise_margin_subtracted():
 def test_groups_weighted_equally_and_pair_margin():
     # group 0: a pair with margin 1.0; group 1: a K=3 ranking. Flat rewards: [c, r, a, b, c]
     rewards = torch.tensor([3.0, 1.0, 0.0, -1.0, 2.0])
-    comps = build_comparisons([2, 3], [1.0, None])
+    comps = group_comparisons([2, 3], [1.0, None])
     assert comps.chosen.tolist() == [0, 2, 2, 3] and comps.rejected.tolist() == [1, 3, 4, 4]
     g0 = _nls(3 - 1 - 1.0)
     g1 = (_nls(0 - -1) + _nls(0 - 2) + _nls(-1 - 2)) / 3
@@ -47,7 +48,7 @@ def test_groups_weighted_equally_and_pair_margin():
 
 def test_preference_metrics():
     rewards = torch.tensor([1.0, 0.0, -1.0, 1.0])
-    comps = build_comparisons([2, 2], [None, None])
+    comps = group_comparisons([2, 2], [None, None])
     gaps = pair_gaps(rewards, comps)
     assert gaps.tolist() == [1.0, -2.0]
     m = preference_metrics(gaps, rewards)
@@ -59,4 +60,4 @@ def test_preference_metrics():
 
 def test_single_response_group_rejected():
     with pytest.raises(ValueError, match="at least 2"):
-        build_comparisons([1], [None])
+        group_comparisons([1], [None])

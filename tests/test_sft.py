@@ -10,8 +10,8 @@ import pytest
 import torch
 import yaml
 
-from stages.config import RunConfig
-from stages.models import TINY_MODEL, load_causal_lm, load_tokenizer
+from stages.core.config_schema import RunConfig
+from stages.modeling.loading import TINY_MODEL, load_causal_lm, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 CHAT = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]
@@ -38,7 +38,7 @@ def _tree(d: Path) -> set[str]:
 
 
 def test_targets_are_assistant_tokens_only(tiny_model_dir):
-    from stages.sft import IGNORE, tokenize_demonstration
+    from stages.modeling.chat_format import IGNORE, tokenize_demonstration
 
     tok = load_tokenizer(TINY_MODEL)
     ids, tgt = tokenize_demonstration(tok, CHAT, 128)
@@ -49,7 +49,7 @@ def test_targets_are_assistant_tokens_only(tiny_model_dir):
 
 
 def test_pack_examples_never_overflows():
-    from stages.trainloop import pack_examples
+    from stages.training.data_order import pack_examples
 
     lengths = [70, 60, 50, 40, 30, 20, 10]
     bins = pack_examples(lengths, 100)
@@ -59,7 +59,8 @@ def test_pack_examples_never_overflows():
 
 
 def test_padding_free_loss_equals_padded(tiny_model_dir):
-    from stages.sft import collate_padded, collate_padding_free, sft_loss, tokenize_demonstration
+    from stages.modeling.chat_format import tokenize_demonstration
+    from stages.sft import collate_padded, collate_padding_free, sft_loss
 
     tok = load_tokenizer(TINY_MODEL)
     chats = [CHAT, [{"role": "user", "content": "Say something longer, please, in a few words."},
@@ -111,7 +112,7 @@ def test_sft_run_artifacts_and_resume_via_subprocess(tmp_path, tiny_model_dir):
 
 
 def test_resume_refuses_a_changed_config(tmp_path, tiny_model_dir):
-    from stages.common import StageError
+    from stages.core.errors import StageError
     from stages.sft import run
 
     run(tiny_cfg(max_steps=1), tmp_path)

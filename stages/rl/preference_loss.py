@@ -35,7 +35,7 @@ def ranking_pairs(k: int) -> list[tuple[int, int]]:
     return list(combinations(range(k), 2))
 
 
-def build_comparisons(group_sizes: list[int], margins: list[float | None]) -> Comparisons:
+def group_comparisons(group_sizes: list[int], margins: list[float | None]) -> Comparisons:
     """Comparisons for groups laid out back to back in a flat rewards vector.
 
     group_sizes[g] = number of responses of group g, best first. A group of 2 is a preference pair
@@ -79,7 +79,7 @@ def grouped_bt_loss(rewards: torch.Tensor, comps: Comparisons, use_margin: bool 
 def kwise_bt_loss(rewards: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
     """InstructGPT loss of one prompt: rewards (K,) of its responses best first ->
     -1/C(K,2) Σ_{i<j} log σ(r_i - r_j - margin)."""
-    comps = build_comparisons([rewards.shape[0]], [None])
+    comps = group_comparisons([rewards.shape[0]], [None])
     comps = comps._replace(margin=torch.full_like(comps.margin, float(margin)))
     return grouped_bt_loss(rewards, comps, use_margin=True)
 

@@ -11,8 +11,8 @@ answers a batch of conversations. Two kinds share the interface:
 """
 from __future__ import annotations
 
+import copy
 import gc
-import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -20,14 +20,15 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from stages.common import StageError, is_main_process, mask_after_eos, render_prompts, resolve_input_model, stage_dir
-from stages.config import Decoding, RunConfig
-from stages.models import load_causal_lm, load_tokenizer
-from stages.runtime import autocast, autocast_layout
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-BASELINE = "baseline"
-PROMPT_COPY = "prompt.txt"  # the baseline stage's copy of the prompt it used, inside run_dir/baseline/
+from stages.core.config_schema import Decoding, RunConfig
+from stages.core.run_folder import is_main_process, resolve_input_model
+from stages.core.runtime import autocast, autocast_layout
+from stages.evaluation.baseline_outputs import BASELINE, baseline_model, baseline_prompt
+from stages.evaluation.dialogue_prompt import render_transcript, stop_strings_for, truncate_at_stop
+from stages.modeling.chat_format import render_prompts
+from stages.modeling.generation import sample_ids
+from stages.modeling.loading import load_causal_lm, load_tokenizer
+from stages.modeling.tensors import pad_rows, response_lengths
 
 
 @dataclass
@@ -40,60 +41,6 @@ class Sample:
     response_ids: list[int] = field(default_factory=list)  # (R,) sampled tokens through the first EOS
     logprob_sum: float | None = None  # sum of log p(response token) under the sampling model (temperature 1,
     #                                   no top-p), from generation's raw logits; set when asked for
-
-
-# ---- the dialogue prompt (pure text helpers) ----
-
-def resolve_prompt_path(prompt_file: str | os.PathLike) -> Path:
-    """A relative path is tried against the current directory, then against the repo root."""
-    path = Path(prompt_file)
-    if path.is_absolute() or path.exists():
-        return path
-    return REPO_ROOT / path
-
-
-def load_prompt_text(prompt_file: str | os.PathLike) -> str:
-    path = resolve_prompt_path(prompt_file)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise StageError(f"baseline.prompt_file: {prompt_file} not found (also looked in {REPO_ROOT})") from None
-    except UnicodeDecodeError:
-        raise StageError(f"baseline.prompt_file: {path} is not UTF-8 text") from None
-    if not text.strip():
-        raise StageError(f"baseline.prompt_file: {path} is empty")
-    return text.strip() + "\n"
-
-
-def prompt_sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def render_transcript(preamble: str, messages: list[dict], user_prefix: str = "User:",
-                      assistant_prefix: str = "Assistant:") -> str:
-    """The dialogue prompt, then the conversation as plain turns, ending with an open assistant turn.
-    A system message has no turn marker in the prompted format, so it joins the preamble."""
-    head = preamble.rstrip("\n")
-    lines = []
-    for m in messages:
-        if m["role"] == "system":
-            head += "\n" + m["content"].strip()
-        elif m["role"] == "user":
-            lines.append(f"{user_prefix} {m['content'].strip()}")
-        else:
-            lines.append(f"{assistant_prefix} {m['content'].strip()}")
-    return head + "\n\n" + "\n".join(lines) + f"\n{assistant_prefix}"
-
-
-def stop_strings_for(user_prefix: str = "User:", assistant_prefix: str = "Assistant:") -> list[str]:
-    """A prompted LM keeps writing the transcript; the next turn marker on a new line ends its reply."""
-    return [f"\n{user_prefix}", f"\n{assistant_prefix}"]
-
-
-def truncate_at_stop(text: str, stops: list[str]) -> str:
-    """Cut `text` at the earliest stop string (the stop text itself is dropped), then trim whitespace."""
-    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=len(text))
-    return text[:cut].strip()
 
 
 # ---- responders ----
@@ -117,26 +64,9 @@ def middle_padded(rows: list[list[int]], prefix_len: int, pad_id: int):
     prefix_len 0 this is plain left padding."""
     import torch
 
-    width = prefix_len + max(len(r) - prefix_len for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        own = len(r) - prefix_len
-        ids[i, :prefix_len], mask[i, :prefix_len] = torch.tensor(r[:prefix_len], dtype=torch.long), 1
-        ids[i, width - own:], mask[i, width - own:] = torch.tensor(r[prefix_len:], dtype=torch.long), 1
-    return ids, mask
-
-
-def _trim_response(row: list[int], eos_id: int, pad_id: int) -> list[int]:
-    """Sampled tokens up to the first pad (finished rows are padded) and through the first EOS."""
-    out = []
-    for t in row:
-        if t == pad_id:
-            break
-        out.append(t)
-        if t == eos_id:
-            break
-    return out
+    own_ids, own_mask = pad_rows([r[prefix_len:] for r in rows], pad_id, left=True)
+    prefix = torch.tensor([r[:prefix_len] for r in rows], dtype=torch.long).reshape(len(rows), prefix_len)
+    return torch.cat([prefix, own_ids], 1), torch.cat([torch.ones_like(prefix), own_mask], 1)
 
 
 class Responder:
@@ -173,8 +103,9 @@ class Responder:
             # a too-long prompt keeps its latest turns
             rows = [self.tokenize(self.render(c))[-max_prompt:] for c in conversations[start:start + d.batch_size]]
             response, token_logp = self._generate(rows, stop_strings, with_logprobs)
-            for i, (prompt, r) in enumerate(zip(rows, response.tolist())):
-                ids = _trim_response(r, tok.eos_token_id, tok.pad_token_id)
+            lengths = response_lengths(response, tok.eos_token_id, tok.pad_token_id).tolist()
+            for i, (prompt, r, n) in enumerate(zip(rows, response.tolist(), lengths)):
+                ids = r[:n]
                 text = self.finish_text(tok.decode(ids, skip_special_tokens=True))
                 lp = float(token_logp[i, :len(ids)].sum()) if token_logp is not None else None
                 out.append(Sample(text=text, num_tokens=self.count_tokens(text), prompt_ids=prompt, response_ids=ids,
@@ -186,39 +117,20 @@ class Responder:
     def _generate(self, rows: list[list[int]], stop_strings: list[str] | None, with_logprobs: bool = False):
         """KV-cached sampling for token rows -> (response ids (B, R) with tokens after EOS set to pad,
         log p of each sampled token (B, R) from the raw logits, or None unless with_logprobs).
-        Unlike `stages.common.generate`, rows that share a long token prefix (the dialogue prompt is
-        ~400 tokens) run that prefix through the model once: its cache is copied to every row."""
-        import copy
-
-        import torch
-
-        d, tok = self.decoding, self.tokenizer
+        Unlike `stages.modeling.generation.generate`, rows that share a long token prefix (the dialogue
+        prompt is ~400 tokens) run that prefix through the model once: its cache is copied to every row."""
+        d, tok, device = self.decoding, self.tokenizer, self.model.device
         prefix = self._shared_prefix(rows)
         ids, mask = middle_padded(rows, len(prefix[0]) if prefix else 0, tok.pad_token_id)
-        kwargs = dict(max_new_tokens=d.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                      use_cache=True)
-        if d.temperature > 0:
-            kwargs.update(do_sample=True, temperature=d.temperature, top_p=d.top_p, top_k=0)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if stop_strings:
-            kwargs.update(stop_strings=stop_strings, tokenizer=tok)
-        if with_logprobs:  # raw logits, before temperature and top-p
-            kwargs.update(output_logits=True, return_dict_in_generate=True)
+        cache = None
         if prefix:
             cache = copy.deepcopy(prefix[1])
             cache.batch_repeat_interleave(len(rows))
-            kwargs["cache"] = cache  # transformers 5: `past_key_values` is deprecated in generate()
-        with torch.no_grad(), autocast(self.precision, self.model.device):
-            out = self.model.generate(input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device),
-                                      **kwargs)
-        if not with_logprobs:
-            return mask_after_eos(out[:, ids.shape[1]:].cpu(), tok.eos_token_id, tok.pad_token_id), None
-        response = out.sequences[:, ids.shape[1]:]
-        token_logp = torch.stack([  # one (B, V) log-softmax at a time: never all R x V at once
-            torch.log_softmax(step.float(), dim=-1).gather(1, response[:, t:t + 1]).squeeze(1)
-            for t, step in enumerate(out.logits)], dim=1)
-        return mask_after_eos(response.cpu(), tok.eos_token_id, tok.pad_token_id), token_logp.cpu()
+        with autocast(self.precision, device):
+            out = sample_ids(self.model, tok, ids.to(device), mask.to(device), max_new_tokens=d.max_new_tokens,
+                             temperature=d.temperature, top_p=d.top_p, stop_strings=stop_strings,
+                             logprob_temperature=1.0 if with_logprobs else None, cache=cache)
+        return out.response.cpu(), None if out.logprobs is None else out.logprobs.cpu()
 
     def _shared_prefix(self, rows: list[list[int]]):
         """(prefix ids, its KV cache) for the tokens every row starts with, computed once and kept
@@ -300,19 +212,6 @@ def unique_labels(refs: list[str]) -> list[str]:
         seen[base] = seen.get(base, 0) + 1
         labels.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
     return labels
-
-
-def baseline_model(cfg: RunConfig) -> str:
-    return cfg.baseline.model or cfg.model
-
-
-def baseline_prompt(cfg: RunConfig, run_dir: str | os.PathLike | None) -> str:
-    """The run's baseline prompt: the baseline stage's saved copy if there is one, else the config's file."""
-    if run_dir is not None:
-        saved = stage_dir(run_dir, BASELINE) / PROMPT_COPY
-        if saved.exists():
-            return saved.read_text(encoding="utf-8")
-    return load_prompt_text(cfg.baseline.prompt_file)
 
 
 def responder_for(ref: str, cfg: RunConfig, run_dir: str | os.PathLike | None, decoding: Decoding,

@@ -9,7 +9,9 @@ prompts with the same seeded decoding settings, and is scored on
   offensive language  alt-profanity-check on the prompts tagged 'harmful'
 
 Writes metrics.json, generations/<model>.jsonl, report.md + report.html + plots/, summary.json.
-Launched as `python -m stages.evaluate --run-dir D` (the pipeline's 'compare' stage).
+Launched as `python -m stages.compare --run-dir D` (or `rlhf compare CONFIG`). The metrics are pure
+functions in stages/evaluation/metrics.py, the judges in stages/evaluation/judges.py, the report in
+stages/evaluation/report.py.
 """
 from __future__ import annotations
 
@@ -23,14 +25,18 @@ import numpy as np
 
 from data_schemas.files import atomic_write_json, atomic_write_jsonl
 from data_schemas.records import as_chat
-from stages import compare_metrics as cm
-from stages.baseline import generation_settings, load_eval_prompts, reusable_generations
-from stages.common import (StageError, is_main_process, logprobs_from_logits, read_metrics, resolve_input_model,
-                           stage_dir, stage_main, write_stage_config, write_summary)
-from stages.config import RunConfig
-from stages.runtime import autocast, autocast_layout, generation_logprobs_exact, resolved, runtime_info
-from stages.models import load_causal_lm, load_reward_model, load_tokenizer
-from stages.responders import BASELINE, Sample, baseline_prompt, responder_for, unique_labels
+from stages.core.config_schema import RunConfig, stage_inputs
+from stages.core.entry import stage_main
+from stages.core.errors import StageError
+from stages.core.metrics_log import read_metrics
+from stages.core.run_folder import is_main_process, resolve_input_model, stage_dir, write_stage_config, write_summary
+from stages.core.runtime import autocast, autocast_layout, generation_logprobs_exact, resolved, runtime_info
+from stages.evaluation import metrics as cm
+from stages.evaluation.baseline_outputs import (BASELINE, baseline_prompt, generation_settings, load_eval_prompts,
+                                                reusable_generations)
+from stages.evaluation.judges import response_logprob_sums, reward_model_judge
+from stages.evaluation.responders import Sample, responder_for, unique_labels
+from stages.modeling.loading import load_causal_lm, load_reward_model, load_tokenizer
 
 STAGE = "compare"
 HARMFUL_TAG = "harmful"
@@ -45,56 +51,7 @@ LENGTH_NOTE = ("Length-controlled win rate: a slope b (RM score per response tok
                "are recomputed on those scores.")
 
 
-# ---- scoring with models (each loaded once) ----
-
-def response_logprob_sums(model, samples: list[Sample], pad_id: int, batch_size: int) -> list[float]:
-    """Sum of log p(response token) under `model` for each sample's exact prompt + response tokens.
-    Rows are right-padded, so real tokens keep positions 0..T-1 as they had during generation."""
-    import torch
-
-    sums: list[float] = []
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start:start + batch_size]
-        seqs = [s.prompt_ids + s.response_ids for s in chunk]
-        width = max(map(len, seqs))
-        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for r, seq in enumerate(seqs):
-            ids[r, :len(seq)] = torch.tensor(seq)
-            mask[r, :len(seq)] = 1
-        with torch.no_grad():
-            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), use_cache=False).logits
-        logp = logprobs_from_logits(logits[:, :-1], ids[:, 1:].to(model.device))  # (B, T-1): log p(token t+1)
-        for r, s in enumerate(chunk):
-            p, n = len(s.prompt_ids), len(s.response_ids)
-            sums.append(float(logp[r, p - 1:p - 1 + n].sum()))
-    return sums
-
-
-def reward_scores(rm, tokenizer, conversations: list[list[dict]], responses: list[str], batch_size: int,
-                  max_length: int) -> list[float]:
-    """The RM's scalar for each (prompt, response), on exactly the rows the reward stage trained on and
-    PPO scores: chat-template prompt + response tokens + EOS, right-padded, read at the last real token."""
-    import torch
-
-    from stages.common import render_prompts
-    from stages.reward import tokenize_group
-
-    prompt_texts = render_prompts(tokenizer, conversations)
-    rows = [tokenize_group(tokenizer, p, [r], max_length)[0] for p, r in zip(prompt_texts, responses)]
-    out: list[float] = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        width = max(map(len, chunk))
-        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, r in enumerate(chunk):
-            ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r, dtype=torch.long), 1
-        with torch.no_grad():
-            logits = rm(input_ids=ids.to(rm.device), attention_mask=mask.to(rm.device), use_cache=False).logits
-        out.extend(logits[:, 0].float().tolist())
-    return out
-
+# ---- the models compared ----
 
 def vocab_fingerprint(tokenizer) -> str:
     items = sorted(tokenizer.get_vocab().items())
@@ -119,7 +76,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     write_stage_config(run_dir, STAGE, cfg)
 
     # ---- resolve prompts and every model before loading any ----
-    prompts = load_eval_prompts(cfg)
+    prompts = load_eval_prompts(c.prompts)
     conversations = [as_chat(p.messages) for p in prompts]
     labels = unique_labels(c.models)
     paths = {lab: None if ref == BASELINE else resolve_input_model(run_dir, ref, "compare.models")
@@ -178,9 +135,10 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     rm_tok = load_tokenizer(rm_path, cfg.trust_remote_code)
     rm = autocast_layout(load_reward_model(rm_path, "fp32", cfg.trust_remote_code, pad_token_id=rm_tok.pad_token_id),
                          cfg.precision).eval()
+    max_length = stage_inputs(cfg, STAGE).settings["reward.max_length"]  # rows cut as the RM was trained on
     with autocast(cfg.precision, rm.device):
-        rewards = {lab: np.array(reward_scores(rm, rm_tok, conversations, [s.text for s in samples[lab]],
-                                               c.decoding.batch_size, cfg.reward.max_length)) for lab in labels}
+        rewards = {lab: np.array(reward_model_judge(rm, rm_tok, conversations, [s.text for s in samples[lab]],
+                                                    c.decoding.batch_size, max_length)) for lab in labels}
     del rm
 
     # ---- offensive language on the harmful subset ----
@@ -235,7 +193,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
                           "offensive_prob": offensive[lab][harmful_pos[i]] if i in harmful_pos else None}
                          for i, p in enumerate(prompts)]
         atomic_write_jsonl(out / "generations" / f"{lab}.jsonl", gen_rows[lab])
-    from stages.report import write_report
+    from stages.evaluation.report import write_report
 
     write_report(out, metrics, gen_rows, read_metrics(run_dir, "ppo"), max_samples=c.report_samples)
 

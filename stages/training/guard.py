@@ -24,8 +24,8 @@ from collections import deque
 from statistics import median
 from typing import Callable
 
-from stages.common import StageError
-from stages.config import GuardConfig
+from stages.core.config_schema import GuardConfig
+from stages.core.errors import StageError
 
 
 def _cpu_copy(state, into=None):

@@ -120,10 +120,3 @@ def offensive_summary(probs: list[float], threshold: float = OFFENSIVE_THRESHOLD
 def mean(xs) -> float | None:
     xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
     return sum(xs) / len(xs) if xs else None
-
-
-def std(xs) -> float | None:
-    m = mean(xs)
-    if m is None:
-        return None
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs))

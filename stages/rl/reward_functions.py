@@ -38,7 +38,7 @@ def load_reward_fn(spec: str):
     """'module:function' -> the callable. Raises ValueError with a one-line reason."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"reward_fn {spec!r} must look like 'module:function', e.g. 'stages.rewards:negative_length'")
+        raise ValueError(f"reward_fn {spec!r} must look like 'module:function', e.g. 'stages.rl.reward_functions:negative_length'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:

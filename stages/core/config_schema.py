@@ -1,13 +1,21 @@
-"""The schema of each stage's config section. Light on purpose: no torch import, so a config is
-validated before any model loads. `pipeline.config` composes these into the full run config."""
+"""The schema of each stage's config section, what each stage reads outside its own section
+(`stage_inputs`), and the one hash of a config (`config_hash`). Light on purpose: no torch import,
+so a config is validated before any model loads. `pipeline.config` composes these into the full
+run config."""
 from __future__ import annotations
 
-from typing import Literal
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from data_schemas.spec import DatasetSpec
-from stages.models import DEFAULT_MODEL
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_MODEL = "smollm2-135m-instruct"  # the embedded default (stages/modeling/loading.py provisions it)
 
 
 class Section(BaseModel):
@@ -169,7 +177,7 @@ class RunConfig(Section):
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto = bf16 mixed precision where the device does bf16 natively, else fp32 "
-        "(see stages/runtime.py)")
+        "(see stages/core/runtime.py)")
     trust_remote_code: bool = False
     sft: SFTConfig = Field(default_factory=SFTConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
@@ -182,3 +190,56 @@ class RunConfig(Section):
     def from_resolved(cls, data: dict) -> "RunConfig":
         """Read a resolved run config that may carry pipeline-only keys (e.g. `launch`)."""
         return cls.model_validate({k: v for k, v in data.items() if k in cls.model_fields})
+
+
+# ---- what each stage reads outside its own section: declared here, once ----
+
+class StageInputs(NamedTuple):
+    """A stage's inputs besides its own section, the run-level keys and `guard`. The stages read these
+    values from here, and the orchestrator hashes exactly these to decide what must run again.
+
+    models:   model references; one that names a stage ('sft', 'reward', 'ppo', 'baseline') is that
+              stage's output, so that stage is upstream
+    settings: other sections' settings, by dotted key
+    files:    files whose content is an input, by the setting that names them (resolved as
+              `resolve_config_path` does)
+    """
+
+    models: tuple[str | None, ...]
+    settings: dict[str, Any]
+    files: dict[str, Path]
+
+
+def stage_inputs(cfg: RunConfig, stage: str) -> StageInputs:
+    if stage == "sft":
+        return StageInputs(models=(), settings={}, files={})
+    if stage == "reward":
+        return StageInputs(models=(cfg.reward.init_from,), settings={}, files={})
+    if stage == "ppo":
+        p = cfg.ppo
+        # PPO-ptx mixes in the SFT loss on the SFT demonstrations, cut as SFT cut them.
+        ptx = {"sft.data": cfg.sft.data, "sft.max_length": cfg.sft.max_length} if p.ptx_coef > 0 else {}
+        return StageInputs(models=(p.policy, p.reward_model, p.value_init), settings=ptx, files={})
+    if stage == "baseline":  # the baseline answers the prompts compare judges
+        return StageInputs(models=(), settings={"compare.prompts": cfg.compare.prompts},
+                           files={"baseline.prompt_file": resolve_config_path(cfg.baseline.prompt_file)})
+    if stage == "compare":
+        # 'baseline' among compare.models is the baseline stage's output: its settings and prompt file
+        # come in through that stage. The RM scores rows cut as the reward stage cut them.
+        c = cfg.compare
+        return StageInputs(models=(*c.models, c.reward_model, c.reference),
+                           settings={"reward.max_length": cfg.reward.max_length}, files={})
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+def resolve_config_path(path: str | os.PathLike) -> Path:
+    """A relative file path in a config is tried against the current directory, then the repo root."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p
+    return REPO_ROOT / p
+
+
+def config_hash(obj) -> str:
+    """The one hash of config values: sha256 of their sorted-key JSON, 16 hex digits."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

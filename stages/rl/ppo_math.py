@@ -1,6 +1,6 @@
 """PPO math as pure functions: KL estimators, KL-penalised rewards, GAE, whitening, the clipped
-losses, entropy, and the KL controllers. No models, no I/O; every function is tested against
-hand-computed tensors in tests/test_ppo_math.py.
+losses, and the KL controllers. No models, no I/O; every function is tested against hand-computed
+tensors in tests/test_ppo_math.py. (Log-probs and entropy from logits: stages/modeling/tensors.py.)
 
 Shapes: B = rollouts in the batch, T = response tokens (right-padded after EOS), V = vocabulary.
 `mask: (B, T)` is 1 on real response tokens (up to and including EOS) and 0 on padding.
@@ -186,12 +186,6 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
     with torch.no_grad():
         clipfrac = masked_mean((clipped_sq > unclipped_sq).to(values.dtype), mask)
     return ValueLoss(loss, clipfrac)
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """(…, V) logits -> (…) entropy H = logsumexp(z) − Σ softmax(z)·z, in nats."""
-    logits = logits.float()
-    return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)
 
 
 # ---- KL coefficient controllers ----

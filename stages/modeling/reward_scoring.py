@@ -1,0 +1,91 @@
+"""A reward model's score, read in one place.
+
+The score of a reply is the score head's output at the reply's last token, the <|im_end|> (EOS) that
+closes it, on `prompt (chat template, generation header) + reply + EOS`: the rows the reward stage
+trains on (`reply_rows`), PPO scores after generating, and compare judges. Three batch layouts read
+that one number, each where it pays:
+
+  padded rows       `padded_scores`: HF's classifier pools the last non-pad token. Reward training
+                    with reward.padding_free=false, and compare's judging.
+  packed rows       `packed_scores`: the replies back to back in one row, the head's per-token output
+                    read at each reply's end. Reward training's default: no compute on padding.
+  left-padded rows  `last_token_scores` through `ValueModel`: the backbone, with the head applied only
+                    at the last attended token. PPO, whose value model is the RM's backbone and head
+                    (and, with value LoRA, shares the RM's weights).
+"""
+from __future__ import annotations
+
+import torch
+
+from stages.core.errors import StageError
+from stages.modeling.trainable import peft_base
+
+
+def reply_rows(tokenizer, prompt_text: str, replies: list[str], max_length: int) -> list[list[int]]:
+    """Token ids of prompt + reply + EOS for each reply. Too-long rows lose their oldest tokens,
+    so the reply's end (where the reward is read) always survives."""
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    rows = []
+    for reply in replies:
+        ids = prompt_ids + tokenizer(reply, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append(ids[-max_length:])
+    return rows
+
+
+def padded_scores(model, input_ids, attention_mask) -> torch.Tensor:
+    """(B,) scores of right-padded rows: the classifier's own pooling at the last non-pad token."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.logits[:, 0].float()
+
+
+def score_head(model) -> torch.nn.Module:
+    """The classifier's `score` layer (through DDP, peft and accelerate wrappers)."""
+    inner = getattr(model, "module", model)
+    head = next((m for name, m in inner.named_modules() if name.rsplit(".", 1)[-1] == "score"), None)
+    if head is None:
+        raise StageError(f"{type(inner).__name__} has no `score` head for padding-free scoring; "
+                         "set reward.padding_free=false")
+    return head
+
+
+def packed_scores(model, input_ids, position_ids, ends) -> torch.Tensor:
+    """(R,) scores of R replies packed into rows (K, W) with per-reply positions; ends (R,) is the flat
+    index (row·W + column) of each reply's last token. The classifier pools one position per row, so
+    the score head's per-token output is read instead. Calling the full model (not its parts) keeps
+    DDP's gradient hooks in play."""
+    per_token = []
+    hook = score_head(model).register_forward_hook(lambda _m, _i, out: per_token.append(out))
+    try:
+        model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+    finally:
+        hook.remove()
+    return per_token[-1].flatten(0, 1)[ends, 0].float()
+
+
+class ValueModel(torch.nn.Module):
+    """V(s_t) for every response position: a sequence classifier's backbone, with its one-output
+    score head applied to each hidden state (InstructGPT initialises it from the RM)."""
+
+    def __init__(self, seq_cls):
+        super().__init__()
+        base = peft_base(seq_cls)
+        self.backbone = getattr(base, base.base_model_prefix)   # e.g. LlamaForSequenceClassification.model
+        self.head = base.score                                   # a ModulesToSaveWrapper under LoRA
+        object.__setattr__(self, "seq_cls", seq_cls)            # kept for disable_adapter, not a submodule
+
+    def hidden(self, input_ids, attention_mask, position_ids):
+        return self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False).last_hidden_state
+
+    def forward(self, input_ids, attention_mask, position_ids, response_len: int):
+        """-> (B, R) values of the states before each response token (the positions predicting it)."""
+        h = self.hidden(input_ids, attention_mask, position_ids)[:, -response_len - 1:-1]
+        return self.head(h).squeeze(-1).float()
+
+
+def last_token_scores(model: ValueModel | torch.nn.Module, input_ids, attention_mask, position_ids) -> torch.Tensor:
+    """(B,) the score head on the last attended token of each (left-padded) row."""
+    vm = model if isinstance(model, ValueModel) else ValueModel(model)
+    h = vm.hidden(input_ids, attention_mask, position_ids)
+    last = attention_mask.shape[1] - 1 - attention_mask.flip(1).argmax(1)
+    return vm.head(h[torch.arange(h.shape[0], device=h.device), last]).squeeze(-1).float()
