@@ -15,7 +15,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from pipeline.label import LABELS, Comparison, label_record, read_labels, save_label
+from pipeline.label_records import LABELS, Comparison, label_record, read_labels, save_label
 
 MAX_BODY = 16 * 1024  # a choice is an id, a label and a short note
 MAX_NOTE = 2000

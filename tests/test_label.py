@@ -11,8 +11,8 @@ import pytest
 
 from data_schemas.errors import DataError
 from pipeline import label, label_server
-from pipeline.label import (Generation, build_comparisons, label_record, load_generations, load_run_generations,
-                            read_labels, save_label, ties_path, wilson_interval, win_rates)
+from pipeline.label_records import (Generation, label_record, load_generations, load_run_generations, plan_comparisons,
+                                    read_labels, save_label, ties_path, wilson_interval, win_rates)
 from pipeline.label_server import LabelSession, make_server
 
 
@@ -35,12 +35,12 @@ def write_run(run: Path, models=("baseline", "ppo"), n=4) -> Path:
 # ---- comparisons ----
 
 def test_every_model_pair_on_every_prompt_in_a_seeded_order():
-    comps = build_comparisons(_gens(("a", "b", "c"), n=3), seed=1)
+    comps = plan_comparisons(_gens(("a", "b", "c"), n=3), seed=1)
     assert len(comps) == 3 * 3
     assert {frozenset((c.model_a, c.model_b)) for c in comps} == {frozenset("ab"), frozenset("ac"), frozenset("bc")}
-    again = build_comparisons(list(reversed(_gens(("a", "b", "c"), n=3))), seed=1)
+    again = plan_comparisons(list(reversed(_gens(("a", "b", "c"), n=3))), seed=1)
     assert [(c.id, c.model_a) for c in again] == [(c.id, c.model_a) for c in comps]  # input order is irrelevant
-    other = build_comparisons(_gens(("a", "b", "c"), n=3), seed=2)
+    other = plan_comparisons(_gens(("a", "b", "c"), n=3), seed=2)
     assert [c.id for c in other] != [c.id for c in comps]
     assert sorted(c.id for c in other) == sorted(c.id for c in comps)
     # the coin flips both ways: model "a" is not always on the left
@@ -49,20 +49,20 @@ def test_every_model_pair_on_every_prompt_in_a_seeded_order():
 
 def test_identical_responses_are_dropped_and_models_filter():
     gens = _gens(n=2) + [Generation("p0", [{"role": "user", "content": "q0"}], "sft", "[baseline] answer 0 ")]
-    comps = build_comparisons(gens, seed=0)
+    comps = plan_comparisons(gens, seed=0)
     assert len(comps) == 2 + 1  # (baseline, ppo) x 2 prompts + (ppo, sft) on p0; (baseline, sft) is the same text
-    only = build_comparisons(gens, seed=0, models=["ppo", "sft"])
+    only = plan_comparisons(gens, seed=0, models=["ppo", "sft"])
     assert [{c.model_a, c.model_b} for c in only] == [{"ppo", "sft"}]
     with pytest.raises(DataError, match="no generations for nope"):
-        build_comparisons(gens, models=["ppo", "nope"])
+        plan_comparisons(gens, models=["ppo", "nope"])
     with pytest.raises(DataError, match="at least 2 models"):
-        build_comparisons(_gens(("solo",)))
+        plan_comparisons(_gens(("solo",)))
 
 
 def test_comparison_id_changes_with_the_text():
-    a = build_comparisons(_gens(n=1))[0]
+    a = plan_comparisons(_gens(n=1))[0]
     changed = [g if g.model != "ppo" else Generation(g.prompt_id, g.prompt, g.model, "other") for g in _gens(n=1)]
-    assert build_comparisons(changed)[0].id != a.id
+    assert plan_comparisons(changed)[0].id != a.id
 
 
 def test_load_generations_names_the_bad_line(tmp_path):
@@ -87,7 +87,7 @@ def test_load_generations_names_the_bad_line(tmp_path):
 # ---- records and summary ----
 
 def test_records_put_the_winner_in_chosen():
-    c = build_comparisons(_gens(n=1))[0]
+    c = plan_comparisons(_gens(n=1))[0]
     a, b, tie = label_record(c, "A", "n"), label_record(c, "B"), label_record(c, "tie")
     assert (a["chosen"], a["rejected"], a["meta"]["chosen_model"]) == (c.response_a, c.response_b, c.model_a)
     assert (b["chosen"], b["rejected"], b["meta"]["rejected_model"]) == (c.response_b, c.response_a, c.model_a)
@@ -97,7 +97,7 @@ def test_records_put_the_winner_in_chosen():
 
 
 def test_ties_go_to_the_sibling_file_and_both_files_are_read(tmp_path):
-    comps = build_comparisons(_gens(n=3))
+    comps = plan_comparisons(_gens(n=3))
     out = tmp_path / "labels.jsonl"
     for c, lab in zip(comps, ["A", "tie", "both_bad"]):
         save_label(out, label_record(c, lab))
@@ -113,7 +113,7 @@ def test_the_labels_file_loads_as_canonical_preferences(tmp_path):
     from data_schemas.records import PreferencePair
     from data_schemas.spec import DatasetSpec
 
-    comps = build_comparisons(_gens(n=4))
+    comps = plan_comparisons(_gens(n=4))
     out = tmp_path / "labels.jsonl"
     for c, lab in zip(comps, ["A", "B", "tie", "A"]):
         save_label(out, label_record(c, lab, note="why"))
@@ -132,7 +132,7 @@ def test_wilson_interval_matches_hand_computed_values():
 
 
 def test_win_rates_count_wins_losses_ties_and_both_bad():
-    comps = build_comparisons(_gens(n=4))
+    comps = plan_comparisons(_gens(n=4))
     labels = ["A", "B", "tie", "both_bad"]
     rows = [label_record(c, lab) for c, lab in zip(comps, labels)]
     winners = [c.model_a if lab == "A" else c.model_b for c, lab in zip(comps[:2], labels[:2])]
@@ -145,7 +145,7 @@ def test_win_rates_count_wins_losses_ties_and_both_bad():
 
 
 def test_summary_cli(tmp_path, capsys):
-    comps = build_comparisons(_gens(n=4))
+    comps = plan_comparisons(_gens(n=4))
     f = tmp_path / "labels.jsonl"
     f.write_text("".join(json.dumps(label_record(c, "A" if c.model_a == "ppo" else "B")) + "\n" for c in comps))
     args = label.argparse.Namespace(file=str(f), json=True)
@@ -164,7 +164,7 @@ def test_summary_cli(tmp_path, capsys):
 
 @pytest.fixture
 def server(tmp_path):
-    comps = build_comparisons(load_run_generations(write_run(tmp_path / "run")), seed=0)
+    comps = plan_comparisons(load_run_generations(write_run(tmp_path / "run")), seed=0)
     out = tmp_path / "labels.jsonl"
     srv = make_server(LabelSession(comps, out), "127.0.0.1", 0)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
@@ -229,7 +229,7 @@ def test_a_choice_is_saved_then_a_duplicate_is_refused(server):
 
 
 def test_a_failed_write_is_a_500_and_the_comparison_stays_open(tmp_path):
-    comps = build_comparisons(_gens(n=2))
+    comps = plan_comparisons(_gens(n=2))
     out = tmp_path / "labels.jsonl"
     session = LabelSession(comps, out)
     out.mkdir()  # appending to a folder fails like a full or read-only disk would

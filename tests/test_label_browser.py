@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.label import build_comparisons, load_run_generations, read_labels, ties_path
+from pipeline.label_records import load_run_generations, plan_comparisons, read_labels, ties_path
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
@@ -130,7 +130,7 @@ def test_label_five_kill_resume_and_train_reward(tmp_path, browser):
     run = tmp_path / "run"
     write_generations(run)
     out = run / "label" / "labels.jsonl"
-    order = [c.id for c in build_comparisons(load_run_generations(run), seed=SEED)]
+    order = [c.id for c in plan_comparisons(load_run_generations(run), seed=SEED)]
     assert len(order) == N_PROMPTS
 
     server = Server(run)
