@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from data_schemas.adapters import ADAPTERS, KINDS, RowError, RowView, adapt
@@ -27,7 +27,6 @@ class LoadResult:
     rows: int = 0  # rows read from the source (before `limit`)
     skipped: int = 0  # invalid rows dropped under skip_invalid
     first_error: str | None = None  # the first of those, for the report
-    extra: dict = field(default_factory=dict)
 
 
 def check_spec(spec: DatasetSpec, kind: str) -> tuple:

@@ -226,6 +226,8 @@ class AdaptiveKLController:
 
     def load_state_dict(self, state: dict) -> None:
         self.value = float(state["value"])
+        self.target = float(state["target"])
+        self.horizon = int(state["horizon"])
 
 
 def make_kl_controller(kl_coef: float, adaptive: bool, target: float, horizon: int):
