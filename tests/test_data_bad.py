@@ -62,8 +62,13 @@ def test_bad_input_gives_one_line_error(name, fmt, kind, fields, expected):
     assert "\n" not in message
 
 
-def test_corpus_has_at_least_twelve_kinds():
-    assert len({expected for *_, expected in CASES}) >= 12
+def test_corpus_covers_every_bad_file_with_its_own_message():
+    files = {p.name for p in BAD.iterdir()}
+    named = {name for name, *_ in CASES}
+    assert not files - named, f"bad files no case tests: {sorted(files - named)}"
+    assert named - files == {"does_not_exist.jsonl"}  # the one case about a missing file
+    messages = [expected for *_, expected in CASES]
+    assert len(set(messages)) == len(messages) >= 12  # at least twelve kinds, each case its own error
 
 
 def test_unknown_field_mapping_suggests_the_right_name():

@@ -52,4 +52,7 @@ def test_unknown_model_is_a_one_line_error(tmp_path):
 
     with pytest.raises(ModelError) as e:
         load_tokenizer(str(tmp_path / "nope"))
-    assert "\n" not in str(e.value)
+    message = str(e.value)
+    assert "\n" not in message
+    head = f"cannot load tokenizer from {str(tmp_path / 'nope')!r}: "
+    assert message.startswith(head) and len(message) > len(head), message  # names the path, then the reason

@@ -181,5 +181,14 @@ def test_fixed_kl_controller_and_factory():
     ctl = FixedKLController(0.05)
     ctl.update(100.0, 64)
     assert ctl.value == 0.05
-    assert isinstance(make_kl_controller(0.05, True, 6.0, 100), AdaptiveKLController)
-    assert isinstance(make_kl_controller(0.05, False, 6.0, 100), FixedKLController)
+    adaptive = make_kl_controller(0.05, True, 6.0, 100)
+    assert (adaptive.value, adaptive.target, adaptive.horizon) == (0.05, 6.0, 100)
+    adaptive.update(12.0, 10)  # error 12/6 - 1 = 1, clipped to 0.2: β = 0.05 * (1 + 0.2 * 10 / 100) = 0.051
+    assert adaptive.value == pytest.approx(0.051, rel=1e-12)
+    fixed = make_kl_controller(0.05, False, 6.0, 100)
+    fixed.update(12.0, 10)
+    assert fixed.value == 0.05
+    # a resumed controller carries the saved target and horizon, not the ones it was built with
+    resumed = AdaptiveKLController(0.5, target=1.0, horizon=1)
+    resumed.load_state_dict(adaptive.state_dict())
+    assert (resumed.value, resumed.target, resumed.horizon) == (adaptive.value, 6.0, 100)
