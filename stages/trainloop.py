@@ -219,11 +219,18 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     return json.loads((path / "trainer_state.json").read_text())
 
 
-def _truncate_metrics(run_dir: Path, stage: str, last_step: int) -> None:
-    """On resume, drop log rows of steps after the checkpoint (a killed run may have logged them)."""
+def _truncate_metrics(run_dir: Path, stage: str, last_step: int, final: bool) -> None:
+    """On resume, drop the log rows written after the checkpoint (a killed run may have logged them):
+    rows of later steps and, when the checkpoint is the final one, the final evaluation's row, which
+    `fit` logs after that checkpoint and the resumed run logs again."""
     rows = read_metrics(run_dir, stage)
-    if any(r.get("step", 0) > last_step for r in rows):
-        atomic_write_jsonl(stage_dir(run_dir, stage) / "metrics.jsonl", [r for r in rows if r.get("step", 0) <= last_step])
+
+    def after_checkpoint(r: dict) -> bool:
+        step = r.get("step", 0)
+        return step > last_step or (final and step == last_step and any(k.startswith("eval_") for k in r))
+
+    if any(map(after_checkpoint, rows)):
+        atomic_write_jsonl(stage_dir(run_dir, stage) / "metrics.jsonl", [r for r in rows if not after_checkpoint(r)])
 
 
 # ---- the loop ----
@@ -273,7 +280,7 @@ def fit(*, accelerator, model, cfg: RunConfig, stage: str, run_dir: Path, n_trai
         step, cursor, resumed_from = state["step"], state["cursor"], state["step"]
         recent.extend(state.get("recent_losses", []))
         if accelerator.is_main_process:
-            _truncate_metrics(run_dir, stage, step)
+            _truncate_metrics(run_dir, stage, step, final=step >= steps)
             print(f"{stage}: resuming from {path} (step {step} of {steps})", flush=True)
     elif accelerator.is_main_process:
         (stage_dir(run_dir, stage) / "metrics.jsonl").unlink(missing_ok=True)  # a fresh start, a fresh log
