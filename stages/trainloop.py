@@ -32,7 +32,7 @@ from stages.common import StageError, read_metrics, reading_checkpoint, stage_di
 from stages.common import list_checkpoints as common_list_checkpoints
 from stages.config import LoRAConfig, RunConfig, TrainLoop
 from stages.guard import SpikeGuard
-from stages.runtime import HeapTrim
+from stages.runtime import HeapTrim, training_attention
 
 CKPT_PREFIX = "step-"
 KEEP_CHECKPOINTS = 2
@@ -314,7 +314,8 @@ def fit(*, accelerator, model, cfg: RunConfig, stage: str, run_dir: Path, n_trai
         loss_total, tokens = torch.zeros((), device=accelerator.device), 0
         for i, b in enumerate(batches):
             # Gradients are all-reduced once per optimizer step, on the last micro-batch.
-            with accelerator.no_sync(model) if i < len(batches) - 1 else nullcontext():
+            with accelerator.no_sync(model) if i < len(batches) - 1 else nullcontext(), \
+                    training_attention(accelerator.device, b.tensors["input_ids"].shape[-1]):
                 out = loss_fn(model, b)
                 loss = out.loss_sum / units
                 accelerator.backward(loss)
