@@ -16,6 +16,7 @@ stages/ppo_models.py. Launched as `accelerate launch -m stages.ppo --run-dir D` 
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -31,7 +32,7 @@ from stages.common import (
     resolve_input_model, stage_dir, stage_main, write_stage_config, write_summary,
 )
 from stages.config import RunConfig
-from stages.runtime import generation_logprobs_exact, resolved, runtime_info
+from stages.runtime import generation_logprobs_exact, resolved, runtime_info, training_attention
 from stages.ppo_math import (
     clipped_policy_loss, clipped_value_loss, entropy_from_logits, gae, kl_penalized_rewards, make_kl_controller,
     masked_mean, masked_whiten,
@@ -316,7 +317,9 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
             raw = reward_scores(models, value_u, *args) if reward_fn is None else torch.zeros(len(ent), device=device)
             return logp, ref_logp, vals, raw, ent
 
-        with torch.no_grad(), accelerator.autocast():
+        # The scoring and training passes use one attention kernel, so their log-probs agree exactly.
+        attention_kernel = functools.partial(training_attention, device, input_ids.shape[1])
+        with torch.no_grad(), attention_kernel(), accelerator.autocast():
             logprobs, ref_logprobs, values, raw, entropy = _chunked(score_chunk, B, chunk)
         decoded = tokenizer.batch_decode(response, skip_special_tokens=True)
         if reward_fn is not None:
@@ -356,7 +359,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
                     continue
                 mb = mb.to(device)
                 args = (ro.input_ids[mb], ro.attention[mb], ro.positions[mb])
-                with accelerator.autocast():
+                with attention_kernel(), accelerator.autocast():
                     new_logprobs = logprobs_from_logits(policy_logits(policy, *args, R, p.temperature), ro.response[mb])
                     pl = clipped_policy_loss(new_logprobs, ro.logprobs[mb], advantages[mb], ro.mask[mb], p.cliprange)
                     vl = clipped_value_loss(value(*args, R), ro.values[mb], returns[mb], ro.mask[mb], p.cliprange_value)
