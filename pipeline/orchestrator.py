@@ -21,7 +21,7 @@ from data_schemas.files import atomic_write_json, atomic_write_text
 from pipeline.config import config_hash
 from pipeline.launcher import stage_command, stage_env
 from pipeline.rundir import Manifest, RunLock, clear_done, read_done, run_dir_for, write_done
-from stages.common import STAGES, StageError, stage_dir
+from stages.common import STAGES, StageError, interrupted_line, stage_dir
 from stages.runtime import resolve_precision
 
 RUN_LEVEL_KEYS = ("model", "seed", "precision", "trust_remote_code")
@@ -265,6 +265,7 @@ def _run_locked(cfg, run_dir: Path, selected, hashes, force, dry_run, config_pat
         print(f"\n==== {s} ====", flush=True)
         t0 = time.time()
         rc, error, interrupted = run_stage_process(stage_command(cfg.launch, s, run_dir), stage_env(), lock_fds)
+        interrupted = interrupted or error == interrupted_line(s)
         wall = time.time() - t0
         if interrupted or rc != 0:
             _remove_partial_outputs(sdir)

@@ -198,6 +198,26 @@ def test_ctrl_c_is_one_line_and_the_manifest_says_interrupted(tmp_path, tiny_mod
     assert stage["status"] == "interrupted"
 
 
+def test_a_stage_stopped_by_sigint_alone_is_reported_interrupted(tmp_path, tiny_model_dir):
+    """The stage process gets SIGINT and the orchestrator does not (a `kill -INT` of the stage, or a
+    Ctrl-C the orchestrator did not see under heavy load): still `interrupted`, exit 130, not a crash."""
+    import psutil
+
+    root = tmp_path / "runs"
+    proc = popen_rlhf(["run", "configs/tiny.yaml", "--stages", "sft", f"runs_root={root}", "sft.max_steps=400"],
+                      start_new_session=True)
+    metrics = root / "tiny" / "sft" / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() or proc.poll() is not None)
+    stage = next(p for p in psutil.Process(proc.pid).children(recursive=True)
+                 if "stages.sft" in " ".join(p.cmdline()) and "accelerate" not in " ".join(p.cmdline()))
+    stage.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert err.rstrip().splitlines()[-1] == ("interrupted: stage sft stopped; completed stages are kept, "
+                                             "re-run the same command to resume")
+    assert json.loads((root / "tiny" / "manifest.json").read_text())["stages"]["sft"]["status"] == "interrupted"
+
+
 # ---- 5. a full disk: one line, manifest `failed` ----
 
 @pytest.fixture
