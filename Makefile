@@ -30,8 +30,12 @@ browser:
 		|| (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) \
 		|| echo "warning: could not install chromium (needs root and apt); the browser test will be skipped"
 
+# One pytest worker per core (at most 4; each holds a tiny model and some stage processes), one
+# torch thread each; modules stay whole on one worker, so a module's shared run is made once.
+TEST_WORKERS ?= $(shell $(PYTHON) -c 'import os; print(min(4, len(os.sched_getaffinity(0))))' 2>/dev/null || echo 2)
+
 test: $(STAMP) browser
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow

@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -549,7 +550,10 @@ def time_stage(run_fn, job: dict, sections: dict, stamp_key: str, *, on_row=None
     cfg = run_config(job, sections)
     stamps = hook_metrics_logger(stamp_key, on_row)
     t0 = time.perf_counter()
-    summary = run_fn(cfg, run_dir)
+    try:
+        summary = run_fn(cfg, run_dir)
+    finally:  # a stage's run folder holds GBs of checkpoints and models; the numbers are in the stamps
+        shutil.rmtree(run_dir, ignore_errors=True)
     return {"stamps": stamps, "wall_s": time.perf_counter() - t0, "summary": summary}
 
 

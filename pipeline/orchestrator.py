@@ -23,6 +23,7 @@ from data_schemas.files import atomic_write_json, atomic_write_text
 from pipeline.launcher import stage_command, stage_env
 from pipeline.rundir import Manifest, RunLock, clear_done, read_done, run_dir_for, write_done
 from stages.core.config_schema import config_hash, stage_inputs
+from stages.core.entry import interrupted_line
 from stages.core.errors import StageError
 from stages.core.run_folder import STAGES, stage_dir
 from stages.core.runtime import resolve_precision
@@ -269,6 +270,7 @@ def _run_locked(cfg, run_dir: Path, selected, hashes, force, dry_run, config_pat
         print(f"\n==== {s} ====", flush=True)
         t0 = time.time()
         rc, error, interrupted = run_stage_process(stage_command(cfg.launch, s, run_dir), stage_env(), lock_fds)
+        interrupted = interrupted or error == interrupted_line(s)
         wall = time.time() - t0
         if interrupted or rc != 0:
             _remove_partial_outputs(sdir)

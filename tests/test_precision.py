@@ -140,3 +140,23 @@ def test_generation_log_probs_equal_a_forward_pass_in_fp32(tiny):
     assert runtime.generation_logprobs_exact("fp32") and not runtime.generation_logprobs_exact("bf16")
     probs = lp.exp()
     assert torch.all(gen.entropy[mask] > 0) and torch.isfinite(probs).all()
+
+
+def test_training_attention_uses_the_math_kernel_for_short_cpu_rows_with_the_same_gradients():
+    """Short rows train on the math kernel on CPU (the fused backward is the slow part of an RM step);
+    long rows and GPUs keep torch's choice. Either way the gradients are the same."""
+    q, k, v = (torch.randn(2, 3, 40, 16, requires_grad=True) for _ in range(3))
+
+    def grads(width: int):
+        with runtime.training_attention("cpu", width):
+            math_only = torch.backends.cuda.math_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return torch.autograd.grad(out.square().sum(), (q, k, v)), math_only
+
+    short, short_math = grads(runtime.MATH_ATTENTION_MAX_WIDTH)
+    long, long_math = grads(runtime.MATH_ATTENTION_MAX_WIDTH + 1)
+    assert short_math and not long_math
+    for a, b in zip(short, long):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with runtime.training_attention("cuda", 8):  # a GPU keeps torch's own choice
+        assert torch.backends.cuda.flash_sdp_enabled()

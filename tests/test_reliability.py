@@ -198,6 +198,26 @@ def test_ctrl_c_is_one_line_and_the_manifest_says_interrupted(tmp_path, tiny_mod
     assert stage["status"] == "interrupted"
 
 
+def test_a_stage_stopped_by_sigint_alone_is_reported_interrupted(tmp_path, tiny_model_dir):
+    """The stage process gets SIGINT and the orchestrator does not (a `kill -INT` of the stage, or a
+    Ctrl-C the orchestrator did not see under heavy load): still `interrupted`, exit 130, not a crash."""
+    import psutil
+
+    root = tmp_path / "runs"
+    proc = popen_rlhf(["run", "configs/tiny.yaml", "--stages", "sft", f"runs_root={root}", "sft.max_steps=400"],
+                      start_new_session=True)
+    metrics = root / "tiny" / "sft" / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() or proc.poll() is not None)
+    stage = next(p for p in psutil.Process(proc.pid).children(recursive=True)
+                 if "stages.sft" in " ".join(p.cmdline()) and "accelerate" not in " ".join(p.cmdline()))
+    stage.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert err.rstrip().splitlines()[-1] == ("interrupted: stage sft stopped; completed stages are kept, "
+                                             "re-run the same command to resume")
+    assert json.loads((root / "tiny" / "manifest.json").read_text())["stages"]["sft"]["status"] == "interrupted"
+
+
 # ---- 5. a full disk: one line, manifest `failed` ----
 
 @pytest.fixture
@@ -401,7 +421,7 @@ if sys.argv[1] == "stage":
     from stages.core.runtime import HeapTrim
     heap = HeapTrim()
 rng, keep, rss = random.Random(0), [], []
-for step in range(30):
+for step in range(60):
     length = rng.randint(300, 3000)  # a packed row: another length every step
     acts = []
     for layer in range(12):
@@ -411,7 +431,7 @@ for step in range(30):
     if heap is not None:
         heap.step()  # what the training loop calls after each step
     rss.append(psutil.Process().memory_info().rss)
-print(max(rss[5:]) / rss[5])
+print(max(rss[5:]) / max(rss[:5]))  # the peak after warm-up against the peak during it
 """
 
 
@@ -423,5 +443,20 @@ def test_training_loop_heap_trim_keeps_rss_flat_across_varying_packed_rows():
         assert proc.returncode == 0, proc.stderr[-2000:]
         return float(proc.stdout.strip())
 
-    assert growth("default") > 1.5  # the pattern really fragments glibc's heap (measured: 2.5x)
-    assert growth("stage") < 1.15   # with the training loop's HeapTrim after each step, RSS stays flat (1.00-1.01x)
+    assert growth("default") > 1.5  # the pattern really fragments glibc's heap (measured: 6x)
+    assert growth("stage") < 1.15   # with the training loop's HeapTrim, RSS stays flat (measured: 1.05x)
+
+
+def test_heap_trim_leaves_a_steady_heap_alone():
+    """Trimming makes the next step fault its pages back in (~0.6 s of a 2.1 s RM step here), so a
+    loop whose blocks are reused step after step must never trim."""
+    import torch
+
+    from stages.core.runtime import HeapTrim
+
+    heap = HeapTrim()
+    for _ in range(20):
+        acts = [torch.ones(1000, 576) for _ in range(24)]  # the same shapes every step
+        del acts
+        heap.step()
+    assert heap.steps == 20 and heap.trims == 0

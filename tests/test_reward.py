@@ -147,6 +147,15 @@ def test_reward_run_artifacts_plain_hf_scoring_and_resume(tmp_path, tiny_model_d
         alone = [rm(**tok(t, return_tensors="pt")).logits[0, 0].item() for t in texts]
     assert batched == pytest.approx(alone, abs=1e-4)
 
+    # A kill after the final evaluation was logged, before the export: the re-run resumes from the
+    # final checkpoint and evaluates again, and the log keeps one row per event.
+    def log_rows():
+        return [{k: v for k, v in json.loads(x).items() if k != "time"} for x in (rdir / "metrics.jsonl").read_text().splitlines()]
+
+    logged = log_rows()
+    assert run(tiny_cfg(max_steps=2, save_steps=1), tmp_path)["resumed_from"] == 2
+    assert log_rows() == logged and sum("eval_accuracy" in r for r in logged) == 1
+
     step2 = _params(rdir / "model")
     s2 = run(tiny_cfg(max_steps=4, save_steps=1), tmp_path)
     assert s2["resumed_from"] == 2 and s2["steps"] == 4

@@ -27,6 +27,11 @@ def _disk_nearly_full(path, below: int = 4 * 1024**2) -> bool:
         return False
 
 
+def interrupted_line(stage: str) -> str:
+    """What a stage stopped by Ctrl-C prints and reports."""
+    return f"{stage}: interrupted"
+
+
 def _report(line: str) -> None:
     """Print the stage's one-line error, and hand it to the orchestrator (see pipeline.orchestrator)."""
     print(line, file=sys.stderr)
@@ -61,7 +66,9 @@ def stage_main(stage: str, run_fn, argv: list[str] | None = None) -> None:
         _report(f"error: {stage}: {os_error_line(e)}")
         sys.exit(2)
     except KeyboardInterrupt:
-        print(f"{stage}: interrupted", file=sys.stderr)
+        # Also handed to the orchestrator: `accelerate launch` turns exit 130 into 1, and the
+        # orchestrator may not see the Ctrl-C itself (seen once under heavy load).
+        _report(interrupted_line(stage))
         sys.exit(130)
     except Exception as e:
         if not (disk_full_error(e) or _disk_nearly_full(args.run_dir)):

@@ -71,14 +71,20 @@ def read_metrics(run_dir: str | os.PathLike, stage: str) -> list[dict]:
     return read_jsonl_rows(stage_dir(run_dir, stage) / "metrics.jsonl")
 
 
-def restart_logs(folder: Path, logs: dict[str, str], last: int | None) -> None:
+def restart_logs(folder: Path, logs: dict[str, str], last: int | None, final: bool = False) -> None:
     """The logs of a stage as it (re)starts. A fresh start (last None) removes them; a resume from
     checkpoint `last` drops the rows a killed run logged after it. logs: file name -> the key that
-    numbers its rows (rows without it count as 0 and are kept)."""
+    numbers its rows (rows without it count as 0 and are kept). `final`: checkpoint `last` is the
+    run's final one, so its final evaluation's row (logged after that checkpoint, and logged again
+    by the resumed run) goes too."""
+    def after_checkpoint(r: dict, key: str) -> bool:
+        n = r.get(key, 0)
+        return n > last or (final and n == last and any(k.startswith("eval_") for k in r))
+
     for name, key in logs.items():
         if last is None:
             (folder / name).unlink(missing_ok=True)
             continue
         rows = read_jsonl_rows(folder / name)
-        if any(r.get(key, 0) > last for r in rows):
-            atomic_write_jsonl(folder / name, [r for r in rows if r.get(key, 0) <= last])
+        if any(after_checkpoint(r, key) for r in rows):
+            atomic_write_jsonl(folder / name, [r for r in rows if not after_checkpoint(r, key)])

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import os
 import sys
@@ -47,11 +48,26 @@ def _finish_tokenizer(tok):
     return tok
 
 
-def prepare_default_model(force: bool = False) -> Path:
-    """Convert the shipped GGUF into `<cache>/models/smollm2-135m-instruct` once; return the folder."""
-    target = cache_root() / "models" / DEFAULT_MODEL
+def _provisioned(target: Path, build, force: bool) -> Path:
+    """`target`, built by `build(target)` unless it is already in the cache. Building holds an
+    exclusive lock, so two processes that find the cache empty at once (two runs, or parallel test
+    workers) do not write the same staging folder: the second waits, then finds the model in place."""
     if (target / "model.safetensors").exists() and not force:
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        if force or not (target / "model.safetensors").exists():
+            build(target)
+    return target
+
+
+def prepare_default_model(force: bool = False) -> Path:
+    """Convert the shipped GGUF into `<cache>/models/smollm2-135m-instruct` once; return the folder."""
+    return _provisioned(cache_root() / "models" / DEFAULT_MODEL, _convert_default_model, force)
+
+
+def _convert_default_model(target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -68,14 +84,14 @@ def prepare_default_model(force: bool = False) -> Path:
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     save_model_folder(model, tok, target)
-    return target
 
 
 def prepare_tiny_model(force: bool = False) -> Path:
     """A random 2-layer Llama (hidden 64) with the default tokenizer, seeded, cached."""
-    target = cache_root() / "models" / TINY_MODEL
-    if (target / "model.safetensors").exists() and not force:
-        return target
+    return _provisioned(cache_root() / "models" / TINY_MODEL, _build_tiny_model, force)
+
+
+def _build_tiny_model(target: Path) -> None:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -91,7 +107,6 @@ def prepare_tiny_model(force: bool = False) -> Path:
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     save_model_folder(model, tok, target)
-    return target
 
 
 def resolve_model(name_or_path: str) -> str:

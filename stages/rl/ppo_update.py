@@ -8,6 +8,7 @@ import math
 import torch
 
 from stages.core.config_schema import PPOConfig
+from stages.core.runtime import training_attention
 from stages.modeling.tensors import logprobs_from_logits
 from stages.modeling.trainable import trainable_params
 from stages.rl.ppo_math import clipped_policy_loss, clipped_value_loss
@@ -24,7 +25,8 @@ def _minibatch_loss(accelerator, t: Trainees, ro: Rollout, advantages, returns, 
     ptx: (demos, seed, optimizer step, pad id) or None."""
     R = ro.response.shape[1]
     args = (ro.input_ids[mb], ro.attention[mb], ro.positions[mb])
-    with accelerator.autocast():
+    # The kernel of the scoring pass (stages.rl.rollout), so the first ratios are exactly 1.
+    with training_attention(accelerator.device, ro.input_ids.shape[1]), accelerator.autocast():
         new_logprobs = logprobs_from_logits(policy_logits(t.policy, *args, R, p.temperature), ro.response[mb])
         pl = clipped_policy_loss(new_logprobs, ro.logprobs[mb], advantages[mb], ro.mask[mb], p.cliprange)
         vl = clipped_value_loss(t.value(*args, R), ro.values[mb], returns[mb], ro.mask[mb], p.cliprange_value)

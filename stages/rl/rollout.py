@@ -10,6 +10,7 @@ import torch
 
 from stages.core.config_schema import PPOConfig
 from stages.core.errors import StageError
+from stages.core.runtime import training_attention
 from stages.modeling.chat_format import render_prompts
 from stages.modeling.generation import generate
 from stages.modeling.tensors import entropy_from_logits, logprobs_from_logits, through_first
@@ -152,7 +153,8 @@ def score_rollouts(accelerator, models: PPOModels, policy, value, s: Samples, p:
                else torch.zeros(len(ent), device=accelerator.device))
         return logp, ref_logp, vals, raw, ent
 
-    with torch.no_grad(), accelerator.autocast():
+    # The scoring and training passes use one attention kernel, so their log-probs agree exactly.
+    with torch.no_grad(), training_attention(accelerator.device, s.input_ids.shape[1]), accelerator.autocast():
         logprobs, ref_logprobs, values, raw, entropy = _chunked(score_chunk, s.response.shape[0], chunk)
     decoded = tokenizer.batch_decode(s.response, skip_special_tokens=True)
     if reward_fn is not None:

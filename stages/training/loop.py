@@ -21,7 +21,7 @@ import torch
 from stages.core.config_schema import RunConfig, TrainLoop
 from stages.core.metrics_log import restart_logs
 from stages.core.run_folder import stage_dir
-from stages.core.runtime import HeapTrim, runtime_info
+from stages.core.runtime import HeapTrim, runtime_info, training_attention
 from stages.training import checkpoint as ckpt
 from stages.training.data_order import micro_batch_indices, total_steps
 from stages.training.guard import SpikeGuard
@@ -65,7 +65,7 @@ def _resume(accelerator, raw, optimizer, scheduler, *, stage: str, run_dir: Path
                                      states={"optimizer": optimizer, "scheduler": scheduler},
                                      rank=accelerator.process_index)
     if accelerator.is_main_process:
-        restart_logs(stage_dir(run_dir, stage), {"metrics.jsonl": "step"}, state["step"])
+        restart_logs(stage_dir(run_dir, stage), {"metrics.jsonl": "step"}, state["step"], final=state["step"] >= steps)
         print(f"{stage}: resuming from {path} (step {state['step']} of {steps})", flush=True)
     return state["step"], state["cursor"], state.get("recent_losses", []), state["step"]
 
@@ -125,7 +125,8 @@ def fit(*, accelerator, model, cfg: RunConfig, stage: str, run_dir: Path, n_trai
         loss_total, tokens = torch.zeros((), device=accelerator.device), 0
         for i, b in enumerate(batches):
             # Gradients are all-reduced once per optimizer step, on the last micro-batch.
-            with accelerator.no_sync(model) if i < len(batches) - 1 else nullcontext():
+            with accelerator.no_sync(model) if i < len(batches) - 1 else nullcontext(), \
+                    training_attention(accelerator.device, b.tensors["input_ids"].shape[-1]):
                 out = loss_fn(model, b)
                 loss = out.loss_sum / units
                 accelerator.backward(loss)
