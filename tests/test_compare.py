@@ -174,6 +174,20 @@ def test_report_escapes_model_output(compared, tmp_path):
     assert not (tmp_path / "plots" / "ppo_curves.png").exists()  # no PPO metrics given, no curve plot
 
 
+def test_compare_generates_the_baseline_itself_when_the_stage_has_not_run(compared, tmp_path):
+    """Without the baseline stage's generations the prompted model samples in compare itself."""
+    import shutil
+
+    from stages import compare
+
+    run, _, _ = compared
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("baseline", "compare"))
+    compare.run(load_cfg(copy), copy)
+    pm = json.loads((copy / "compare" / "metrics.json").read_text())["per_model"]
+    assert pm["baseline"]["source"] == "generated" and pm["baseline"]["mean_length_tokens"] > 0
+
+
 def test_compare_needs_the_models_it_names(compared, tmp_path):
     from stages import compare
     from stages.core.errors import StageError

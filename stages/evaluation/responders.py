@@ -191,8 +191,8 @@ class PromptedBaseline(Responder):
     def finish_text(self, text: str) -> str:
         return truncate_at_stop(text, self.stops)
 
-    def sample(self, conversations, stop_strings=None):
-        return super().sample(conversations, stop_strings=stop_strings or self.stops)
+    def sample(self, conversations, stop_strings=None, *, with_logprobs: bool = False):
+        return super().sample(conversations, stop_strings=stop_strings or self.stops, with_logprobs=with_logprobs)
 
 
 # ---- model references ('baseline', 'sft', 'ppo', or a path/name) ----
