@@ -316,7 +316,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     last = ([r for r in read_metrics(run_dir, "ppo") if "score_raw_mean" in r] or [{}])[-1]
     summary = {"reward_mean": last.get("score_raw_mean"), "score_mean": last.get("score_mean"),
                "kl": last.get("kl"), "kl_coef": s.kl_ctl.value, "iterations": p.iterations,
-               "resumed_from": s.resumed_from, "spike_events": s.guard.events,
+               "resumed_from": s.resumed_from, "spike_events": s.guard.events, "world_size": acc.num_processes,
                "wall_s": round(time.time() - t_start, 2), **runtime_info(cfg.precision)}
     return close_stage(run_dir, "ppo", summary, s.logger, acc.is_main_process)
 

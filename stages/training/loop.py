@@ -70,6 +70,18 @@ def _resume(accelerator, raw, optimizer, scheduler, *, stage: str, run_dir: Path
     return state["step"], state["cursor"], state.get("recent_losses", []), state["step"]
 
 
+def _units_per_rank(accelerator, local: int, world: int) -> float:
+    """The divisor of a rank's summed loss: the optimizer step's loss units (tokens, pairs) over all
+    ranks, divided by the world size. DDP averages gradients over ranks, so every unit weighs the same
+    whichever rank holds it, and 2 ranks step as 1 rank would on the same global batch."""
+    if world == 1:
+        return max(1, local)
+    import torch
+
+    total = accelerator.reduce(torch.tensor(float(local), device=accelerator.device), reduction="sum").item()
+    return max(1.0, total) / world
+
+
 def fit(*, accelerator, model, cfg: RunConfig, stage: str, run_dir: Path, n_train: int,
         make_batch: Callable[[list[int]], Batch], loss_fn: Callable[[object, Batch], LossOut],
         evaluate: Callable[[object], dict], logger) -> tuple[object, dict]:
@@ -120,7 +132,7 @@ def fit(*, accelerator, model, cfg: RunConfig, stage: str, run_dir: Path, n_trai
         batches = [make_batch(idx) for idx in batches_idx]
         cursor += tc.grad_accum
         rank_items += sum(len(b) for b in batches_idx)
-        units = max(1, sum(b.count for b in batches))
+        units = _units_per_rank(accelerator, sum(b.count for b in batches), world)
         model.train()
         loss_total, tokens = torch.zeros((), device=accelerator.device), 0
         for i, b in enumerate(batches):
