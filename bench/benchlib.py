@@ -82,7 +82,9 @@ def run_worker(argv: list[str], job: dict, *, python: str | None = None, env: di
         job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "out.json"
         job_path.write_text(json.dumps(job))
         cmd = [python or MAIN_PYTHON, *argv, "--job", str(job_path), "--out", str(out_path)]
-        full_env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+        # The repo first; a PYTHONPATH the caller set (packages installed with --target) is kept.
+        pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+        full_env = {**os.environ, "PYTHONPATH": pythonpath, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                     "TRL_EXPERIMENTAL_SILENCE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
         log = open(log_path, "w") if log_path else subprocess.DEVNULL
         load_before = os.getloadavg()[0]
