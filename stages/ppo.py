@@ -36,7 +36,7 @@ from stages.core.runtime import generation_logprobs_exact, make_accelerator, res
 from stages.modeling.trainable import trainable_params
 from stages.rl.ppo_math import gae, kl_penalized_rewards, make_kl_controller, masked_whiten
 from stages.rl.ppo_models import PPOModels, Trainees, export_policy, load_models, load_reward_stats
-from stages.rl.ppo_update import ppo_update
+from stages.rl.ppo_update import ppo_update, rank_sum
 from stages.rl.rollout import Rollout, prepare_prompts, sample_rollouts, score_rollouts
 from stages.training import checkpoint as ckpt
 from stages.training.guard import SpikeGuard
@@ -289,7 +289,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
         # ---- 4. advantages ----
         advantages, returns = gae(shaped.rewards, ro.values, ro.mask, p.gamma, p.lam)
         if p.whiten_advantages:
-            advantages = masked_whiten(advantages, ro.mask)
+            advantages = masked_whiten(advantages, ro.mask, total=rank_sum(acc))
         g = gather_stats(acc, ro, shaped)
         mean_kl = g.kl.mean().item()
 

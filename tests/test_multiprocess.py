@@ -77,3 +77,33 @@ def test_two_ranks_take_the_step_one_rank_takes_on_the_same_global_batch(tmp_pat
     assert w1.keys() == w2.keys()
     diffs = torch.cat([(w2[k].float() - w1[k].float()).abs().flatten() for k in w1])
     assert diffs.max() < 1e-4 and int((diffs > 1e-6).sum()) <= 10, (diffs.max(), int((diffs > 1e-6).sum()))
+
+
+def test_two_ranks_take_the_ppo_update_one_rank_takes_on_the_same_rollouts(tmp_path, tiny_model_dir):
+    """One PPO iteration from the same SFT and RM: 1 rank x 4 rollouts against 2 ranks x 2. Near-greedy
+    decoding (top_p 1e-6) makes the rollouts the same on both sides, so the advantages (whitened over
+    all ranks' tokens), the token-weighted losses and the update must be the same too."""
+    import shutil
+
+    base = tmp_path / "base"
+    proc = rlhf(["run", "configs/tiny.yaml", "--stages", "sft,reward", f"runs_root={base}", "precision=fp32"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    common = ["--stages", "ppo", "precision=fp32", "ppo.iterations=1", "ppo.top_p=1e-6", "ppo.ppo_epochs=1",
+              "ppo.max_new_tokens=12"]
+    out = {}
+    for name, procs, batch in (("one", 1, 4), ("two", 2, 2)):
+        shutil.copytree(base, tmp_path / name)
+        args = ["run", "configs/tiny.yaml", *common, f"runs_root={tmp_path / name}", f"ppo.batch_size={batch}",
+                f"ppo.mini_batch_size={batch}"]
+        if procs > 1:
+            args += [f"launch.num_processes={procs}", "launch.cpu_ddp=true", "launch.main_process_port=29535"]
+        proc = rlhf(args)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        run = tmp_path / name / "tiny" / "ppo"
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        out[name] = (next(r for r in rows if "kl" in r), weights(run / "model"))
+    (one, w1), (two, w2) = out["one"], out["two"]
+    for key in ("score_raw_mean", "kl", "value_loss", "policy_loss", "grad_norm_policy"):
+        assert two[key] == pytest.approx(one[key], rel=1e-3, abs=1e-5), key
+    diffs = torch.cat([(w2[k].float() - w1[k].float()).abs().flatten() for k in w1])
+    assert diffs.max() < 1e-4 and int((diffs > 1e-6).sum()) <= 10, (diffs.max(), int((diffs > 1e-6).sum()))

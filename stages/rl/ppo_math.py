@@ -15,7 +15,7 @@ References:
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -41,10 +41,20 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  total: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """(x - mean) / std over masked positions; masked-out positions come back as 0.
-    With shift_mean=False the mean is added back (used for rewards in some recipes)."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    With shift_mean=False the mean is added back (used for rewards in some recipes).
+    `total`: sums a tensor over all ranks (data parallel); the mean and variance are then those of
+    every rank's positions together, as one process holding the whole batch would compute them."""
+    if total is None:
+        mean, var = masked_mean(x, mask), masked_var(x, mask)
+    else:
+        m = mask.to(x.dtype)
+        n = total(m.sum())
+        mean = total((x * m).sum()) / n.clamp(min=1)
+        var = total((((x - mean) ** 2) * m).sum()) / n.clamp(min=1)
+        var = var * n / (n - 1) if n > 1 else var
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

@@ -20,6 +20,24 @@ UPDATE_METRICS = ("policy_loss", "value_loss", "clipfrac", "value_clipfrac", "ap
                   "grad_norm_policy", "grad_norm_value", "ptx_loss")
 
 
+def rank_sum(accelerator):
+    """A function summing a tensor over the ranks, or None with one process (nothing to sum)."""
+    if accelerator.num_processes == 1:
+        return None
+    return lambda x: accelerator.reduce(x.detach().float(), reduction="sum")
+
+
+def _token_share(accelerator, mask) -> float | torch.Tensor:
+    """This rank's share of the minibatch's response tokens over all ranks, times the world size.
+    The policy and value losses are means over a rank's tokens and DDP averages gradients over ranks;
+    scaled by this, every token weighs the same whichever rank sampled it."""
+    total = rank_sum(accelerator)
+    if total is None:
+        return 1.0
+    local = mask.sum().float()
+    return local * accelerator.num_processes / total(local).clamp(min=1)
+
+
 def _minibatch_loss(accelerator, t: Trainees, ro: Rollout, advantages, returns, mb, p: PPOConfig, ptx):
     """(loss, policy loss terms, value loss terms, ptx loss or None) of one minibatch, with grad.
     ptx: (demos, seed, optimizer step, pad id) or None."""
@@ -30,7 +48,7 @@ def _minibatch_loss(accelerator, t: Trainees, ro: Rollout, advantages, returns, 
         new_logprobs = logprobs_from_logits(policy_logits(t.policy, *args, R, p.temperature), ro.response[mb])
         pl = clipped_policy_loss(new_logprobs, ro.logprobs[mb], advantages[mb], ro.mask[mb], p.cliprange)
         vl = clipped_value_loss(t.value(*args, R), ro.values[mb], returns[mb], ro.mask[mb], p.cliprange_value)
-        loss, lm = pl.loss + p.vf_coef * vl.loss, None
+        loss, lm = (pl.loss + p.vf_coef * vl.loss) * _token_share(accelerator, ro.mask[mb]), None
         if ptx is not None:
             # Through the unwrapped policy: one DDP forward per backward; gradients still sync.
             demos, seed, step, pad_id = ptx
