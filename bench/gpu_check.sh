@@ -7,7 +7,8 @@
 #   SMOLLM2_DIR: SmolLM2-135M-Instruct's folder (config + tokenizer; weights optional, random if absent).
 #   Default: the converted model in the model cache (`make install` or any run provisions it).
 # Offline GPU machines: put wheels of what the machine lacks in .whl/ (trl 1.12.0 alone in .whl/trl112/)
-# and they are installed into /tmp; with network, `pip install -e .[gpu]` beforehand does the same.
+# and they are installed into /tmp. With network, install the project beforehand (`pip install -e .`;
+# `.[gpu]` adds DeepSpeed, for the pending ZeRO rows) and trl 1.12.0 in bench/.venv-trl112.
 set -euo pipefail
 out=${1:?usage: bash bench/gpu_check.sh OUT_DIR [SMOLLM2_DIR]}
 smollm2=${2:-${RLHF_CACHE:-$HOME/.cache/rlhf}/models/smollm2-135m-instruct}
