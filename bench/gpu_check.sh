@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The cluster path on one GPU, in about 5 minutes on an H200 (bf16):
+# The cluster path on one GPU, in about 4 minutes on an H200 (bf16):
 #   1. bench/gpu_check.py: SFT, RM and PPO through `rlhf run` under single-GPU, DDP, FSDP2, ZeRO-2 and
-#      ZeRO-3 (one process each, the repo's configs/accelerate files), tiny model and SmolLM2-135M shape;
+#      ZeRO-3 (one process each, the repo's accelerate files), tiny model and SmolLM2-135M shape;
 #   2. bench/bench_ppo.py on the GPU: our PPO stage against trl 1.12.0's PPOTrainer, side by side.
 # Usage: bash bench/gpu_check.sh OUT_DIR [SMOLLM2_DIR]
 #   SMOLLM2_DIR: SmolLM2-135M-Instruct's folder (config + tokenizer; weights optional, random if absent).
