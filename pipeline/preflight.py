@@ -96,6 +96,8 @@ def validate_data(cfg, stages: list[str]) -> list[str]:
         lines.append(f"sft.data: {len(load_demonstrations(cfg.sft.data))} demonstrations")
     if "reward" in stages:
         lines.append(f"reward.data: {len(load_preferences(cfg.reward.data))} preference records")
+        if cfg.reward.eval_data is not None:
+            lines.append(f"reward.eval_data: {len(load_preferences(cfg.reward.eval_data))} preference records")
     if "ppo" in stages:
         lines.append(f"ppo.prompts: {len(load_prompts(cfg.ppo.prompts))} prompts")
     if "baseline" in stages or "compare" in stages:

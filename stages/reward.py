@@ -17,6 +17,7 @@ uses to normalise rewards.
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -152,18 +153,31 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
     records = load_preferences(rc.data)  # bad data fails here, before any model loads
+    eval_records = load_preferences(rc.eval_data) if rc.eval_data is not None else None
     tokenizer = load_tokenizer(init, cfg.trust_remote_code)
     tokenizer.padding_side = "right"  # saved with the model: plain HF scoring then reads the right token
     groups, keys = preference_groups(tokenizer, records, rc.max_length)
     if not groups:
         raise StageError(f"reward: {rc.data.source} has no preference records")
-    train_idx, eval_idx = split_items(len(groups), rc.eval_fraction, cfg.seed, keys=keys)
-    train = [groups[i] for i in train_idx]
-    evals = [groups[i] for i in eval_idx]
+    if eval_records is None:
+        train_idx, eval_idx = split_items(len(groups), rc.eval_fraction, cfg.seed, keys=keys)
+        train = [groups[i] for i in train_idx]
+        evals = [groups[i] for i in eval_idx]
+        eval_source = f"{rc.eval_fraction:g} of {rc.data.source} (split by prompt)" if evals else None
+    else:
+        train, eval_source = groups, rc.eval_data.source
+        evals, eval_keys = preference_groups(tokenizer, eval_records, rc.max_length)
+        if not evals:
+            raise StageError(f"reward.eval_data: {rc.eval_data.source} has no preference records")
+        shared = len(set(eval_keys) & set(keys))
+        if shared and accelerator.is_main_process:
+            print(f"reward: warning: {shared} of {len(set(eval_keys))} eval_data prompts also occur in reward.data; "
+                  "accuracy on them is not held out", file=sys.stderr)
     if accelerator.is_main_process:
         write_stage_config(run_dir, "reward", cfg)
         n_pairs = sum(len(g) * (len(g) - 1) // 2 for g, _ in train)
-        print(f"reward: {len(train)} train groups ({n_pairs} comparisons) / {len(evals)} eval groups; init {init}", flush=True)
+        print(f"reward: {len(train)} train groups ({n_pairs} comparisons) / {len(evals)} eval groups "
+              f"({eval_source}); init {init}", flush=True)
     logger = MetricsLogger(run_dir, "reward", enabled=accelerator.is_main_process)
 
     model = load_reward_model(init, "fp32", cfg.trust_remote_code, pad_token_id=tokenizer.pad_token_id)
@@ -194,7 +208,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     summary = {"eval_accuracy": results.get("eval_accuracy"), "eval_margin": results.get("eval_margin"),
                "eval_loss": results.get("eval_loss"), "reward_mean": stats["mean"], "reward_std": stats["std"],
                "train_loss": results["train_loss"], "steps": results["steps"], "resumed_from": results["resumed_from"],
-               "train_groups": len(train), "eval_groups": len(evals), "init_from": init,
+               "train_groups": len(train), "eval_groups": len(evals), "eval_source": eval_source, "init_from": init,
                **run_facts(results, t_start, cfg.precision)}
     return close_stage(run_dir, "reward", summary, logger, accelerator.is_main_process)
 

@@ -218,3 +218,37 @@ def test_freeze_layers_bounds_and_lora_conflict(tmp_path, tiny_model_dir):
         run(tiny_cfg(freeze_layers=2), tmp_path)
     with pytest.raises(ValidationError, match="pick one"):
         tiny_cfg(freeze_layers=1, lora={"enabled": True})
+
+
+def test_eval_data_replaces_the_random_split(tmp_path, tiny_model_dir):
+    """reward.eval_data: a named preference set is the eval set, all of reward.data trains, and the
+    summary reports accuracy and margin on it."""
+    from stages.reward import run
+
+    held_out = tmp_path / "held_out.jsonl"
+    pairs = [{"prompt": [{"role": "user", "content": f"Question {i}: is the sky blue on a clear day?"}],
+              "chosen": "Yes, on a clear day the sky looks blue.", "rejected": "No."} for i in range(5)]
+    held_out.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    summary = run(tiny_cfg(eval_data={"source": str(held_out)}), tmp_path / "run")
+    assert summary["eval_groups"] == 5 and summary["train_groups"] == 40
+    assert summary["eval_source"] == str(held_out)
+    assert 0.0 <= summary["eval_accuracy"] <= 1.0 and summary["eval_margin"] is not None
+    rows = [json.loads(x) for x in (tmp_path / "run" / "reward" / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_accuracy" in r for r in rows)
+
+    default_split = run(tiny_cfg(), tmp_path / "split")
+    assert default_split["eval_groups"] == 10 and default_split["train_groups"] == 30
+    assert default_split["eval_source"].startswith("0.25 of default:preferences")
+
+
+def test_bad_eval_data_is_one_line_naming_the_file_line_and_field(tmp_path, tiny_model_dir):
+    from data_schemas.errors import DataError
+    from stages.reward import run
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": [{"role": "user", "content": "Hi"}], "chosen": "Hello!"}) + "\n")
+    with pytest.raises(DataError) as e:
+        run(tiny_cfg(eval_data={"source": str(bad)}), tmp_path / "run")
+    msg = str(e.value)
+    assert "\n" not in msg and str(bad) in msg and ":1" in msg and "rejected" in msg
+    assert not (tmp_path / "run" / "reward" / "model").exists()

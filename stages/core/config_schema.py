@@ -82,6 +82,8 @@ class SFTConfig(TrainLoop):
 
 class RewardConfig(TrainLoop):
     data: DatasetSpec = Field(default_factory=lambda: DatasetSpec(source="default:preferences"))
+    eval_data: DatasetSpec | None = Field(None, description="a preference dataset to evaluate on instead of a "
+                                          "random eval_fraction of `data` (all of `data` then trains)")
     init_from: str = Field("sft", description="'sft' (this run's SFT model) or any model path/name")
     lr: float = Field(1e-5, gt=0)
     use_margin: bool = Field(True, description="subtract a pair's margin inside the sigmoid")
