@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
 import time
 from collections import defaultdict
@@ -20,8 +19,8 @@ from pathlib import Path
 
 from data_schemas.errors import DataError
 from data_schemas.files import append_jsonl
+from stages.evaluation.human_labels import LABELS, read_labels, ties_path, wilson_interval  # noqa: F401 (re-exported)
 
-LABELS = ("A", "B", "tie", "both_bad")
 
 
 # ---- comparisons ----
@@ -138,13 +137,6 @@ def plan_comparisons(generations: list[Generation], seed: int = 0, models: list[
 
 # ---- storage: FILE holds pairs with a winner; ties and both-bad go to FILE's `.ties` sibling ----
 
-def ties_path(out: str | Path) -> Path:
-    """labels.jsonl -> labels.ties.jsonl. Ties stay out of FILE so FILE trains as-is: the canonical
-    loader would refuse a pair without a winner, and a `responses` row would read as a ranking."""
-    out = Path(out)
-    return out.with_name(f"{out.stem}.ties{out.suffix}" if out.suffix else f"{out.name}.ties")
-
-
 def label_record(comp: Comparison, label: str, note: str = "", now: float | None = None) -> dict:
     """One labelled comparison. A or B: a canonical preference pair (chosen = the winner) plus
     `meta`, which the preference loader ignores. tie / both_bad: both texts, no chosen/rejected."""
@@ -167,43 +159,7 @@ def save_label(out: str | Path, row: dict) -> None:
     append_jsonl(out if row["meta"]["label"] in ("A", "B") else ties_path(out), row)
 
 
-def _read_label_file(path: Path) -> list[dict]:
-    rows = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON: {e}") from None
-            meta = row.get("meta") if isinstance(row, dict) else None
-            if not (isinstance(meta, dict) and meta.get("label") in LABELS and isinstance(meta.get("comparison_id"), str)
-                    and isinstance(meta.get("model_a"), str) and isinstance(meta.get("model_b"), str)):
-                raise DataError(f"{path}:{lineno}: meta: not a row written by `rlhf label` "
-                                "(needs meta.label, meta.comparison_id, meta.model_a, meta.model_b)")
-            rows.append(row)
-    return rows
-
-
-def read_labels(out: str | Path) -> list[dict]:
-    """Every labelled row of FILE and its ties file; [] before the first label."""
-    return [row for p in (Path(out), ties_path(out)) if p.exists() for row in _read_label_file(p)]
-
-
 # ---- summary ----
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion; (0, 1) when n == 0.
-    Unlike the normal approximation it stays inside [0, 1] and behaves at 0/n and n/n."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
 
 def win_rates(rows: list[dict]) -> dict[str, dict]:
     """Per model: wins, losses, ties, both_bad over every comparison it was in, and the win rate

@@ -265,7 +265,15 @@ def check_references(cfg, selected: list[str]) -> list[str]:
     if "compare" in selected:
         for i, ref in enumerate(cfg.compare.models):
             model(ref, f"compare.models[{i}]")
-        model(cfg.compare.reward_model, "compare.reward_model")
+        for i, ref in enumerate(cfg.compare.judges):
+            model(ref, f"compare.judges[{i}]")
+        if cfg.compare.human_labels:
+            from stages.core.config_schema import resolve_config_path
+            from stages.evaluation.human_labels import read_labels
+
+            _check_file(cfg.compare.human_labels, "compare.human_labels", config_relative=True)
+            n = len(read_labels(resolve_config_path(cfg.compare.human_labels)))  # a bad row: file:line: field
+            lines.append(f"compare.human_labels: {cfg.compare.human_labels} ({n} labels)")
         model(cfg.compare.reference, "compare.reference")
         if "baseline" in cfg.compare.models or "baseline" in selected:
             _check_file(cfg.baseline.prompt_file, "baseline.prompt_file", config_relative=True)

@@ -1,8 +1,11 @@
 """Compare stage (`rlhf compare`, folder run_dir/compare/): any set of models answers the same eval
 prompts with the same seeded decoding settings, and is scored on
 
-  mean RM score       the reward model (compare.reward_model) on the chat-formatted (prompt, response)
-  RM win rate         per prompt pair, with ties, and a bootstrap interval over prompts
+  judges              each reward model in compare.judges scores every (prompt, response), chat-formatted;
+                      the report leads with a judge PPO did not optimise (its own RM is a training metric)
+  RM win rate         per prompt pair, with ties, and a bootstrap interval over prompts, per judge
+  human labels        with compare.human_labels (`rlhf label` output): human win rates (Wilson 95%) and
+                      each judge's agreement with the people
   KL to reference     tuned models only: mean over prompts of sum_t log pi(y_t) - log pi_ref(y_t)
   length              response tokens, and a length-controlled win rate
   diversity           distinct-1 / distinct-2
@@ -25,7 +28,7 @@ import numpy as np
 
 from data_schemas.files import atomic_write_json, atomic_write_jsonl
 from data_schemas.records import as_chat
-from stages.core.config_schema import RunConfig, stage_inputs
+from stages.core.config_schema import RunConfig, resolve_config_path, stage_inputs
 from stages.core.entry import stage_main
 from stages.core.errors import StageError
 from stages.core.metrics_log import read_metrics
@@ -34,6 +37,7 @@ from stages.core.runtime import autocast, autocast_layout, generation_logprobs_e
 from stages.evaluation import metrics as cm
 from stages.evaluation.baseline_outputs import (BASELINE, baseline_prompt, generation_settings, load_eval_prompts,
                                                 reusable_generations)
+from stages.evaluation.human_labels import judge_agreement, pairwise_win_rates, read_labels
 from stages.evaluation.judges import response_logprob_sums, reward_model_judge
 from stages.evaluation.responders import Sample, responder_for, unique_labels
 from stages.modeling.loading import load_causal_lm, load_reward_model, load_tokenizer
@@ -81,7 +85,12 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     labels = unique_labels(c.models)
     paths = {lab: None if ref == BASELINE else resolve_input_model(run_dir, ref, "compare.models")
              for ref, lab in zip(c.models, labels)}
-    rm_path = resolve_input_model(run_dir, c.reward_model, "compare.reward_model")
+    judge_names = unique_labels(c.judges)
+    judge_paths = {name: resolve_input_model(run_dir, ref, f"compare.judges[{i}]")
+                   for i, (ref, name) in enumerate(zip(c.judges, judge_names))}
+    optimised = ppo_reward_model(cfg, run_dir)
+    lead = next((n for n in judge_names if not (optimised and same_model(judge_paths[n], optimised))), judge_names[0])
+    human_rows = read_labels(resolve_config_path(c.human_labels)) if c.human_labels else None
     ref_path = resolve_input_model(run_dir, c.reference, "compare.reference") if c.reference else None
     reuse_settings = (generation_settings(cfg, baseline_prompt(cfg, run_dir), prompts, c.decoding)
                       if BASELINE in c.models else None)
@@ -131,15 +140,18 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
             kl[lab] = [a - b for a, b in zip(own, ref_lp)]
         del ref_model
 
-    # ---- reward-model scores ----
-    rm_tok = load_tokenizer(rm_path, cfg.trust_remote_code)
-    rm = autocast_layout(load_reward_model(rm_path, "fp32", cfg.trust_remote_code, pad_token_id=rm_tok.pad_token_id),
-                         cfg.precision).eval()
+    # ---- judges: every reward model scores every response, one model in memory at a time ----
     max_length = stage_inputs(cfg, STAGE).settings["reward.max_length"]  # rows cut as the RM was trained on
-    with autocast(cfg.precision, rm.device):
-        rewards = {lab: np.array(reward_model_judge(rm, rm_tok, conversations, [s.text for s in samples[lab]],
-                                                    c.decoding.batch_size, max_length)) for lab in labels}
-    del rm
+    scores: dict[str, dict[str, np.ndarray]] = {}
+    for name in judge_names:
+        rm_tok = load_tokenizer(judge_paths[name], cfg.trust_remote_code)
+        rm = autocast_layout(load_reward_model(judge_paths[name], "fp32", cfg.trust_remote_code,
+                                               pad_token_id=rm_tok.pad_token_id), cfg.precision).eval()
+        with autocast(cfg.precision, rm.device):
+            scores[name] = {lab: np.array(reward_model_judge(rm, rm_tok, conversations, [s.text for s in samples[lab]],
+                                                             c.decoding.batch_size, max_length)) for lab in labels}
+        del rm
+    rewards = scores[lead]
 
     # ---- offensive language on the harmful subset ----
     harmful = [i for i, p in enumerate(prompts) if HARMFUL_TAG in p.tags]
@@ -166,7 +178,12 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
         "models": labels,
         "num_prompts": len(prompts),
         "num_harmful_prompts": len(harmful),
-        "reward_model": rm_path,
+        "reward_model": judge_paths[lead],
+        "reward_model_optimised_by_ppo": bool(optimised and same_model(judge_paths[lead], optimised)),
+        "lead_judge": lead,
+        "judges": judge_table(judge_names, judge_paths, optimised, scores, labels, c, resamples, prompts, samples,
+                              human_rows),
+        "human": human_summary(human_rows, c.human_labels) if human_rows is not None else None,
         "reference": ref_path,
         "decoding": c.decoding.model_dump(),
         "seed": cfg.seed,
@@ -177,7 +194,12 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
         "length_controlled_win_rates": cm.win_rate_table(lc_scores, c.tie_epsilon, resamples),
         "length_slope_reward_per_token": slope,
         "notes": {"kl": KL_NOTE, "length_control": LENGTH_NOTE,
-                  "win_rate": "Win rates are judged by this run's own reward model, not by people.",
+                  "win_rate": (f"Win rates are judged by the reward model {lead!r}"
+                               + (", the one PPO optimised: a training metric, not evidence of quality."
+                                  if optimised and same_model(judge_paths[lead], optimised)
+                                  else ", which PPO did not optimise (a held-out judge)")
+                               + (" No human labels were given." if human_rows is None else
+                                  f" {len(human_rows)} human labels are in 'human'.")),
                   "offensive": f"alt-profanity-check P(offensive) on responses to prompts tagged '{HARMFUL_TAG}'; "
                                f"rate = fraction with P > {cm.OFFENSIVE_THRESHOLD}."},
     }
@@ -202,6 +224,42 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     return summary
 
 
+def ppo_reward_model(cfg: RunConfig, run_dir: Path) -> str | None:
+    """The folder of the reward model PPO optimised, or None (a reward_fn, or a model not resolvable here)."""
+    settings = stage_inputs(cfg, STAGE).settings
+    if settings["ppo.reward_fn"]:
+        return None
+    try:
+        return resolve_input_model(run_dir, settings["ppo.reward_model"], "ppo.reward_model")
+    except StageError:
+        return None
+
+
+def judge_table(names, paths, optimised, scores, labels, c, resamples, prompts, samples, human_rows) -> list[dict]:
+    """Per judge: its path, whether PPO optimised it, each model's mean score, win rates, and (with
+    human labels) its agreement with the people on the labelled pairs of these responses."""
+    out = []
+    for name in names:
+        by_ppo = bool(optimised and same_model(paths[name], optimised))
+        row = {"name": name, "path": paths[name], "optimised_by_ppo": by_ppo,
+               "role": "PPO's reward model: a training metric" if by_ppo else "held-out judge (not optimised)",
+               "mean_reward": {lab: float(scores[name][lab].mean()) for lab in labels},
+               "win_rates": cm.win_rate_table(scores[name], c.tie_epsilon, resamples), "human_agreement": None}
+        if human_rows is not None:
+            by_model = {lab: {str(p.id): (samples[lab][i].text, float(scores[name][lab][i]))
+                              for i, p in enumerate(prompts)} for lab in labels}
+            row["human_agreement"] = judge_agreement(human_rows, by_model, c.tie_epsilon)
+        out.append(row)
+    return out
+
+
+def human_summary(rows: list[dict], path: str) -> dict:
+    labelled = sum(1 for r in rows if r["meta"]["label"] in ("A", "B"))
+    return {"labels_file": path, "labels": len(rows), "decisive": labelled, "win_rates": pairwise_win_rates(rows),
+            "note": "win = wins / (wins + losses) over the labelled comparisons of the pair; ties and both-bad are "
+                    "counted, not rated; brackets: Wilson 95% interval."}
+
+
 def headline(metrics: dict) -> dict:
     """The numbers the manifest shows: each model's mean reward, KL and offensive rate, and the win rate
     of every later model in compare.models against every earlier one (e.g. ppo vs baseline)."""
@@ -219,6 +277,14 @@ def headline(metrics: dict) -> dict:
             i, j = labels[a], labels[b]
             out[f"win_rate_{i}_vs_{j}"] = round(metrics["win_rates"][i][j]["win"], 4)
             out[f"lc_win_rate_{i}_vs_{j}"] = round(metrics["length_controlled_win_rates"][i][j]["win"], 4)
+            for judge in metrics.get("judges", []):
+                if judge["name"] != metrics["lead_judge"]:
+                    out[f"judge_{judge['name']}_win_rate_{i}_vs_{j}"] = round(judge["win_rates"][i][j]["win"], 4)
+            human = (metrics.get("human") or {}).get("win_rates", {}).get(i, {}).get(j)
+            if human and human["win"] is not None:
+                out[f"human_win_rate_{i}_vs_{j}"] = round(human["win"], 4)
+    out["lead_judge"] = metrics["lead_judge"]
+    out["lead_judge_optimised_by_ppo"] = metrics["reward_model_optimised_by_ppo"]
     return out
 
 

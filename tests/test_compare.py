@@ -2,6 +2,7 @@
 models (baseline + sft + perturbed ppo + random RM) whose artifacts every later test inspects."""
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -150,7 +151,9 @@ def test_compare_writes_generations_report_and_plots(compared):
     html_text = (out / "report.html").read_text()
     md = (out / "report.md").read_text()
     for text in (html_text, md):
-        assert "judged by our own reward model" in text and "alt-profanity-check" in text
+        # one judge, the RM PPO optimised: the report says it is a training metric
+        assert "the reward model PPO optimised" in text and "a training metric" in text
+        assert "alt-profanity-check" in text
         assert "plots/win_rates.png" in text
     assert yaml.safe_load((out / "config.yaml").read_text())["compare"]["bootstrap"] == 50
 
@@ -210,3 +213,82 @@ def test_compare_entry_point_gives_one_line_error(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: compare:") and "missing.jsonl" in err and "\n" not in err
+
+
+def test_judges_lead_with_a_held_out_rm_and_human_labels_give_win_rates_and_agreement(compared, tmp_path):
+    """compare.judges = [this run's RM (PPO's), a second RM]: the report leads with the second. Human
+    labels on this run's generations give pairwise win rates (Wilson) and each judge's agreement,
+    checked here by hand against the judges' own scores."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from pipeline.label_records import Comparison, label_record, save_label, wilson_interval
+    from stages import compare
+    from stages.modeling.loading import load_tokenizer
+
+    run, _, _ = compared
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("compare"))
+    judge = tmp_path / "judge-rm"
+    cfg = LlamaConfig.from_pretrained(copy / "reward" / "model")
+    torch.manual_seed(7)
+    LlamaForSequenceClassification(cfg).save_pretrained(judge)
+    load_tokenizer(str(copy / "reward" / "model")).save_pretrained(judge)
+
+    # a person's labels on the generations compare will make (same seed, same settings)
+    gens = {lab: [json.loads(x) for x in (run / "compare" / "generations" / f"{lab}.jsonl").read_text().splitlines()]
+            for lab in ("sft", "ppo")}
+    labels = tmp_path / "labels.jsonl"
+    choices = ["A", "A", "B", "tie"]  # ppo is side A: ppo wins 2, loses 1, one tie
+    for k, choice in enumerate(choices):
+        a, b = gens["ppo"][k], gens["sft"][k]
+        comp = Comparison(f"c{k}", a["id"], a["messages"], "ppo", a["response"], "sft", b["response"])
+        save_label(labels, label_record(comp, choice))
+
+    config = load_cfg(copy)
+    config = config.model_copy(update={"compare": config.compare.model_copy(
+        update={"judges": ["reward", str(judge)], "human_labels": str(labels)})})
+    summary = compare.run(config, copy)
+    m = json.loads((copy / "compare" / "metrics.json").read_text())
+    assert [j["name"] for j in m["judges"]] == ["reward", "judge-rm"]
+    assert [j["optimised_by_ppo"] for j in m["judges"]] == [True, False]
+    assert m["lead_judge"] == "judge-rm" and m["reward_model_optimised_by_ppo"] is False
+    assert summary["lead_judge"] == "judge-rm" and "judge_reward_win_rate_ppo_vs_sft" in summary
+
+    human = m["human"]["win_rates"]["ppo"]["sft"]
+    assert (human["wins"], human["losses"], human["ties"]) == (2, 1, 1)
+    assert human["win"] == pytest.approx(2 / 3) and human["ci95"] == pytest.approx(list(wilson_interval(2, 3)))
+    assert summary["human_win_rate_ppo_vs_sft"] == pytest.approx(2 / 3, abs=1e-4)
+
+    for j in m["judges"]:  # agreement by hand from the judge's per-response scores
+        rows = {lab: [json.loads(x) for x in (copy / "compare" / "generations" / f"{lab}.jsonl").read_text().splitlines()]
+                for lab in ("sft", "ppo")}
+        assert [r["response"] for r in rows["ppo"]] == [r["response"] for r in gens["ppo"]]  # labels match
+        score = {lab: [r["reward"] for r in rows[lab]] for lab in rows} if j["name"] == "judge-rm" else None
+        if score is not None:  # generations carry the lead judge's scores
+            winners = ["ppo", "ppo", "sft"]
+            expected = sum(1.0 if score[w][k] > score[o][k] else 0.0
+                           for k, (w, o) in enumerate((w, "sft" if w == "ppo" else "ppo") for w in winners))
+            assert j["human_agreement"]["agreement"] == pytest.approx(expected / 3)
+        assert j["human_agreement"]["n"] == 3 and j["human_agreement"]["unmatched"] == 0
+    md = (copy / "compare" / "report.md").read_text()
+    assert "## Judges" in md and "judge-rm (leads this report)" in md and "## Human labels (3 decisive of 4)" in md
+    assert "a held-out judge" in md
+
+
+def test_a_bad_human_labels_file_stops_preflight_in_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    bad = tmp_path / "labels.jsonl"
+    bad.write_text(json.dumps({"prompt": "hi", "chosen": "a", "rejected": "b"}) + "\n")
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "configs/tiny.yaml", f"runs_root={tmp_path}",
+                           f"compare.human_labels={bad}", "--dry-run"], cwd=repo, capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"error: {bad}:1: meta: not a row written by `rlhf label` "
+                                                "(needs meta.label, meta.comparison_id, meta.model_a, meta.model_b)"]

@@ -50,7 +50,7 @@ def test_ptx_reads_the_sft_data_settings():
 
 
 def test_compare_reads_the_reward_max_length():
-    alone = ("compare.models=[baseline]", "compare.reward_model=some/rm", "compare.reference=null")
+    alone = ("compare.models=[baseline]", "compare.judges=[some/rm]", "compare.reference=null")
     assert upstream(load_config(TINY, list(alone)), "compare") == ["baseline"]
     assert changed(hashes(*alone), hashes(*alone, "reward.max_length=64")) == {"reward", "ppo", "compare"}
 

@@ -161,7 +161,11 @@ class BaselineConfig(Section):
 class CompareConfig(Section):
     prompts: DatasetSpec = Field(default_factory=lambda: DatasetSpec(source="default:eval_prompts"))
     models: list[str] = Field(default_factory=lambda: ["baseline", "sft", "ppo"], min_length=1)
-    reward_model: str = Field("reward", description="'reward' (this run's RM) or a reward-model path; judges win rates")
+    judges: list[str] = Field(default_factory=lambda: ["reward"], min_length=1,
+                              description="reward models that score every response: 'reward' (this run's RM) or any "
+                              "reward-model path/name. The report leads with one that PPO did not optimise")
+    human_labels: str | None = Field(None, description="an `rlhf label` labels file: human win rates and each "
+                                     "judge's agreement with the people")
     reference: str | None = Field("sft", description="KL reference for tuned models; null = skip KL")
     decoding: Decoding = Field(default_factory=Decoding)
     bootstrap: int = Field(1000, ge=0, description="resamples over prompts for win-rate intervals; 0 = none")
@@ -229,8 +233,11 @@ def stage_inputs(cfg: RunConfig, stage: str) -> StageInputs:
         # 'baseline' among compare.models is the baseline stage's output: its settings and prompt file
         # come in through that stage. The RM scores rows cut as the reward stage cut them.
         c = cfg.compare
-        return StageInputs(models=(*c.models, c.reward_model, c.reference),
-                           settings={"reward.max_length": cfg.reward.max_length}, files={})
+        # Which judge PPO optimised is read from the ppo section.
+        labels = ({"compare.human_labels": resolve_config_path(c.human_labels)} if c.human_labels else {})
+        return StageInputs(models=(*c.models, *c.judges, c.reference),
+                           settings={"reward.max_length": cfg.reward.max_length, "ppo.reward_model": cfg.ppo.reward_model,
+                                     "ppo.reward_fn": cfg.ppo.reward_fn}, files=labels)
     raise ValueError(f"unknown stage {stage!r}")
 
 

@@ -150,13 +150,53 @@ def win_table(metrics: dict, key: str) -> tuple[list[str], list[list[str]]]:
     return ["model \\ against", *labels], rows
 
 
+def judges_table(metrics: dict) -> tuple[list[str], list[list[str]]]:
+    """One row per judge: its role, each model's mean score, the later-vs-earlier win rates, and its
+    agreement with the human labels."""
+    labels = metrics["models"]
+    pairs = [(labels[a], labels[b]) for a in range(len(labels)) for b in range(a)]
+    head = ["judge", "role", *[f"mean {lab}" for lab in labels], *[f"{i} vs {j}" for i, j in pairs],
+            "agreement with people"]
+    rows = []
+    for j in metrics.get("judges", []):
+        h = j["human_agreement"]
+        agree = "—" if not h or h["agreement"] is None else (
+            f"{100 * h['agreement']:.0f}% [{100 * h['ci95'][0]:.0f}, {100 * h['ci95'][1]:.0f}] of {h['n']}")
+        lead = " (leads this report)" if j["name"] == metrics.get("lead_judge") else ""
+        rows.append([j["name"] + lead, j["role"], *[fmt(j["mean_reward"][lab]) for lab in labels],
+                     *[pct_ci(j["win_rates"][a][b]) for a, b in pairs], agree])
+    return head, rows
+
+
+def human_table(metrics: dict) -> tuple[list[str], list[list[str]]] | None:
+    human = metrics.get("human")
+    if not human:
+        return None
+    labels = [m for m in metrics["models"] if m in human["win_rates"]]
+    rows = []
+    for a in labels:
+        cells = []
+        for b in labels:
+            c = human["win_rates"][a].get(b)
+            cells.append("—" if a == b or not c or c["win"] is None else
+                         f"{100 * c['win']:.0f}% [{100 * c['ci95'][0]:.0f}, {100 * c['ci95'][1]:.0f}] "
+                         f"({c['wins']}-{c['losses']}, {c['ties']} ties, {c['both_bad']} both bad)")
+        rows.append([a, *cells])
+    return ["model \\ against", *labels], rows
+
+
 def explanations(metrics: dict) -> list[str]:
     n = metrics["notes"]
+    by_ppo = metrics.get("reward_model_optimised_by_ppo", True)
+    judge = (f"the reward model PPO optimised ({metrics['reward_model']}), so it measures agreement with the "
+             "optimisation target, a training metric, not quality or human preference" if by_ppo else
+             f"a reward model PPO did not optimise ({metrics['reward_model']}), a held-out judge; it is still a "
+             "model, not a person")
     return [
-        f"**RM win rate** is judged by our own reward model ({metrics['reward_model']}), the one PPO optimised "
-        "against, so it measures agreement with that model, not human preference. A win means a higher RM score "
-        f"on the same prompt; scores within {metrics['tie_epsilon']:g} are ties. Brackets: 95% bootstrap interval "
-        f"over prompts ({metrics['bootstrap_resamples']} resamples).",
+        f"**RM win rate** is judged by {judge}. A win means a higher score on the same prompt; scores within "
+        f"{metrics['tie_epsilon']:g} are ties. Brackets: 95% bootstrap interval over prompts "
+        f"({metrics['bootstrap_resamples']} resamples). **Judges** lists every judge; **Human labels**, when "
+        "given, are the ones that matter (InstructGPT and Dialogue-Prompted Gopher were judged by people).",
         "**Length control**: " + n["length_control"]
         + f" Fitted slope: {fmt(metrics['length_slope_reward_per_token'], 4)} per token.",
         "**KL to reference**: " + n["kl"],
@@ -191,10 +231,14 @@ def render_markdown(metrics: dict, gen_rows: dict, plots: dict, max_samples: int
         f"{metrics['num_prompts']} eval prompts; decoding: max_new_tokens={d['max_new_tokens']}, "
         f"temperature={d['temperature']}, top_p={d['top_p']}, seed={metrics['seed']} (identical for every model).",
         "## Summary", _md_table(*model_table(metrics)),
-        "## RM win rate", _md_table(*win_table(metrics, "win_rates")),
+        f"## RM win rate (judge: {md_esc(metrics.get('lead_judge', 'reward'))})", _md_table(*win_table(metrics, "win_rates")),
         "## Length-controlled RM win rate", _md_table(*win_table(metrics, "length_controlled_win_rates")),
-        "## How these are computed", "\n".join(f"- {md_esc(e)}" for e in explanations(metrics)),
+        "## Judges", _md_table(*judges_table(metrics)),
     ]
+    if (human := human_table(metrics)) is not None:
+        parts += [f"## Human labels ({metrics['human']['decisive']} decisive of {metrics['human']['labels']})",
+                  _md_table(*human)]
+    parts += ["## How these are computed", "\n".join(f"- {md_esc(e)}" for e in explanations(metrics))]
     if plots:
         parts.append("## Plots")
         parts += [f"![{md_esc(t)}]({p})" for t, p in plots.items()]
@@ -244,11 +288,16 @@ def render_html(metrics: dict, gen_rows: dict, plots: dict, max_samples: int) ->
         f"temperature={esc(d['temperature'])}, top_p={esc(d['top_p'])}, seed={esc(metrics['seed'])} "
         "(identical for every model).</p>",
         "<h2>Summary</h2>", _html_table(*model_table(metrics)),
-        "<h2>RM win rate</h2>", _html_table(*win_table(metrics, "win_rates")),
+        f"<h2>RM win rate (judge: {esc(metrics.get('lead_judge', 'reward'))})</h2>",
+        _html_table(*win_table(metrics, "win_rates")),
         "<h2>Length-controlled RM win rate</h2>", _html_table(*win_table(metrics, "length_controlled_win_rates")),
-        "<h2>How these are computed</h2><ul>"
-        + "".join(f"<li>{_md_bold_to_html(e)}</li>" for e in explanations(metrics)) + "</ul>",
+        "<h2>Judges</h2>", _html_table(*judges_table(metrics)),
     ]
+    if (human := human_table(metrics)) is not None:
+        body += [f"<h2>Human labels ({esc(metrics['human']['decisive'])} decisive of {esc(metrics['human']['labels'])})"
+                 "</h2>", _html_table(*human)]
+    body.append("<h2>How these are computed</h2><ul>"
+                + "".join(f"<li>{_md_bold_to_html(e)}</li>" for e in explanations(metrics)) + "</ul>")
     if plots:
         body.append("<h2>Plots</h2>" + "".join(f'<figure><img src="{esc(p)}" alt="{esc(t)}"><figcaption>{esc(t)}'
                                                "</figcaption></figure>" for t, p in plots.items()))
