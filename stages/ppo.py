@@ -36,6 +36,7 @@ from stages.core.runtime import generation_logprobs_exact, make_accelerator, res
 from stages.modeling.trainable import trainable_params
 from stages.rl.ppo_math import gae, kl_penalized_rewards, make_kl_controller, masked_whiten
 from stages.rl.ppo_models import PPOModels, Trainees, export_policy, load_models, load_reward_stats
+from stages.rl.monitor import Monitor, load_judges
 from stages.rl.ppo_update import ppo_update, rank_sum
 from stages.rl.rollout import Rollout, prepare_prompts, sample_rollouts, score_rollouts
 from stages.training import checkpoint as ckpt
@@ -57,6 +58,7 @@ class Inputs(NamedTuple):
     user_turns: list[str]
     demos: list | None
     reward_fn: Callable | None
+    monitor_prompts: tuple[list[str], list[str]] | None  # (texts, user turns) of ppo.monitor.prompts
 
 
 def load_inputs(cfg: RunConfig, run_dir: Path) -> Inputs:
@@ -76,7 +78,9 @@ def load_inputs(cfg: RunConfig, run_dir: Path) -> Inputs:
     ptx = stage_inputs(cfg, "ppo").settings
     demos = (prepare_demonstrations(tokenizer, load_demonstrations(ptx["sft.data"]), ptx["sft.max_length"])
              if p.ptx_coef > 0 else None)
-    return Inputs(tokenizer, texts, user_turns, demos, reward_fn)
+    monitor_prompts = (prepare_prompts(tokenizer, load_prompts(p.monitor.prompts), p.max_prompt_length)
+                       if p.monitor.every else None)
+    return Inputs(tokenizer, texts, user_turns, demos, reward_fn, monitor_prompts)
 
 
 class _IterationLog:
@@ -110,6 +114,7 @@ class Session:
     start: int = 0
     opt_step: int = 0
     resumed_from: int | None = None
+    monitor: Monitor | None = None
 
     @property
     def ckpt_root(self) -> Path:
@@ -118,7 +123,7 @@ class Session:
 
 def _resume(cfg: RunConfig, out_dir: Path, models: PPOModels, opts: dict, kl_ctl, ema: dict | None,
             accelerator) -> tuple[int, int, int | None]:
-    """(start iteration, optimizer step, resumed_from) from the last checkpoint, or a fresh start.
+    """(start iteration, optimizer step, resumed_from, monitor state) from the last checkpoint, or a fresh start.
     Runs before accelerate.prepare: weights load into the models as loaded."""
     from safetensors.torch import load_file
 
@@ -127,7 +132,7 @@ def _resume(cfg: RunConfig, out_dir: Path, models: PPOModels, opts: dict, kl_ctl
     if found is None:
         if accelerator.is_main_process:
             restart_logs(out_dir, LOGS, None)
-        return 0, 0, None
+        return 0, 0, None, None
     last, path = found
     with ckpt.reading_checkpoint(path):
         state = ckpt.load_checkpoint(path, ckpt.PPO, weights={"policy": models.policy, "value": models.value},
@@ -141,7 +146,7 @@ def _resume(cfg: RunConfig, out_dir: Path, models: PPOModels, opts: dict, kl_ctl
     if accelerator.is_main_process:
         restart_logs(out_dir, LOGS, last)
         print(f"ppo: resuming from {path} (iteration {last} of {cfg.ppo.iterations})", flush=True)
-    return last, state["optimizer_step"], last
+    return last, state["optimizer_step"], last, state.get("monitor")
 
 
 def start_session(cfg: RunConfig, run_dir: Path) -> Session:
@@ -170,7 +175,7 @@ def start_session(cfg: RunConfig, run_dir: Path) -> Session:
     kl_ctl = make_kl_controller(p.kl_coef, p.adaptive_kl, p.kl_target, p.kl_horizon)
     ema = ({n: t.detach().clone().float() for n, t in trainable_params(models.policy).items()}
            if p.ema_decay else None)
-    start, opt_step, resumed_from = _resume(cfg, out_dir, models, opts, kl_ctl, ema, accelerator)
+    start, opt_step, resumed_from, monitor_state = _resume(cfg, out_dir, models, opts, kl_ctl, ema, accelerator)
 
     policy, value, policy_opt, value_opt = accelerator.prepare(models.policy, models.value, opts["policy"],
                                                                opts["value"])
@@ -183,6 +188,12 @@ def start_session(cfg: RunConfig, run_dir: Path) -> Session:
     guard = SpikeGuard(cfg.guard, {}, guard_log, restore=lambda: rollback(s))
     s = Session(cfg, Path(run_dir), accelerator, inputs, models, t, stats, kl_ctl, guard, guard_log, logger,
                 ckpt.config_fingerprint(cfg, "ppo", ckpt.PPO), start, opt_step, resumed_from)
+    if inputs.monitor_prompts is not None:
+        judges = load_judges(p.monitor.judges, lambda ref, what: resolve_input_model(run_dir, ref, what),
+                             inputs.tokenizer, cfg.precision, cfg.trust_remote_code, accelerator.device)
+        s.monitor = Monitor(p, run_dir, out_dir, models, inputs.tokenizer, accelerator, *inputs.monitor_prompts,
+                            judges, cfg.seed)
+        s.monitor.load_state_dict(monitor_state)
     if cfg.guard.enabled and not ckpt.list_checkpoints(s.ckpt_root, ckpt.PPO):
         checkpoint(s, 0)  # the guard's first good state (a fresh start's resume point too)
     return s
@@ -196,7 +207,8 @@ def checkpoint(s: Session, iteration: int) -> None:
                                   **({"ema": s.t.ema} if s.t.ema is not None else {})},
                          states={"optimizer": {"policy": s.t.policy_opt, "value": s.t.value_opt}},
                          state={"optimizer_step": s.opt_step, "kl_ctl": s.kl_ctl.state_dict(),
-                                "fingerprint": s.fingerprint, "iteration": iteration})
+                                "fingerprint": s.fingerprint, "iteration": iteration,
+                                "monitor": s.monitor.state_dict() if s.monitor else None})
 
 
 def rollback(s: Session) -> int:
@@ -253,6 +265,15 @@ def log_iteration(s: Session, it: int, ro: Rollout, g: RolloutStats, beta: float
     return row
 
 
+def watch(s: Session, it: int) -> None:
+    """The over-optimisation monitor's evaluation after iteration `it` (stages/rl/monitor.py)."""
+    row = s.monitor.evaluate(s.t.policy_u, s.t.value_u, s.inputs.reward_fn)
+    s.logger.log(it, **row)
+    if s.monitor.keep_if_best(it, row, s.t.policy_u) and s.accelerator.is_main_process:
+        print(f"ppo: iteration {it}: best judge score so far ({s.monitor.best_score:.4f}); kept in ppo/best/",
+              flush=True)
+
+
 # ---- the stage ----
 
 def run(cfg: RunConfig, run_dir: Path) -> dict:
@@ -267,6 +288,9 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     logprobs_from_generation = generation_logprobs_exact(cfg.precision)
     bar = tqdm(total=p.iterations, initial=s.start, desc="ppo", disable=not acc.is_main_process, dynamic_ncols=True)
 
+    if s.monitor is not None and s.start == 0 and not any(
+            r.get("step") == 0 and "monitor_kl" in r for r in read_metrics(run_dir, "ppo")):
+        watch(s, 0)  # where the policy starts: KL 0, the SFT model's scores (once, also across a resume)
     for it in range(s.start + 1, p.iterations + 1):
         s.guard_log.iteration = it
         t0 = time.time()
@@ -304,6 +328,8 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
         row = log_iteration(s, it, ro, g, beta, update, [t0, t1, t2, t3], batch.idx, decoded)
         bar.update(1)
         bar.set_postfix(score=f"{row['score_raw_mean']:.3f}", kl=f"{mean_kl:.2f}")
+        if s.monitor is not None and s.monitor.due(it):
+            watch(s, it)
         if it % p.save_every == 0 or it == p.iterations:
             checkpoint(s, it)
     bar.close()
@@ -317,6 +343,8 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     summary = {"reward_mean": last.get("score_raw_mean"), "score_mean": last.get("score_mean"),
                "kl": last.get("kl"), "kl_coef": s.kl_ctl.value, "iterations": p.iterations,
                "resumed_from": s.resumed_from, "spike_events": s.guard.events, "world_size": acc.num_processes,
+               **({"best_iteration": s.monitor.best_iteration, "best_judge_score": s.monitor.best_score}
+                  if s.monitor is not None and s.monitor.judges else {}),
                "wall_s": round(time.time() - t_start, 2), **runtime_info(cfg.precision)}
     return close_stage(run_dir, "ppo", summary, s.logger, acc.is_main_process)
 

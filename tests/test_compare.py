@@ -292,3 +292,19 @@ def test_a_bad_human_labels_file_stops_preflight_in_one_line(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [f"error: {bad}:1: meta: not a row written by `rlhf label` "
                                                 "(needs meta.label, meta.comparison_id, meta.model_a, meta.model_b)"]
+
+
+def test_report_plots_the_monitor_against_sqrt_kl(compared, tmp_path):
+    from stages.evaluation.report import write_report
+
+    run, m, _ = compared
+    gen_rows = {lab: [json.loads(x) for x in (run / "compare" / "generations" / f"{lab}.jsonl").read_text().splitlines()]
+                for lab in m["models"]}
+    ppo_rows = [{"step": i, "monitor_kl": 0.5 * i, "monitor_sqrt_kl": math.sqrt(0.5 * i), "monitor_proxy": 0.3 * i,
+                 "monitor_judge_held_out": 0.2 - 0.1 * i} for i in range(4)]
+    plots = write_report(tmp_path, m, gen_rows, ppo_rows)
+    assert plots["Over-optimisation monitor (ppo.monitor): proxy and judges against sqrt(KL)"] == \
+        "plots/overoptimisation.png"
+    assert (tmp_path / "plots" / "overoptimisation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "overoptimisation.png" in (tmp_path / "report.html").read_text()
+    assert "overoptimisation.png" not in (run / "compare" / "report.md").read_text()  # no monitor rows there

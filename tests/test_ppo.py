@@ -419,3 +419,64 @@ def test_ppo_raises_a_verifiable_reward_smollm2(tmp_path):
           "length:", [round(r["response_length"], 1) for r in rows], "s/iteration:", [round(r["iteration_s"], 1) for r in rows])
     assert sum(curve[-3:]) / 3 > sum(curve[:3]) / 3, curve
     assert all(math.isfinite(r["kl"]) and r["kl"] < 10 for r in rows)
+
+
+# ---- the over-optimisation monitor ----
+
+def _random_rm(upstream: Path, out: Path, seed: int) -> Path:
+    from stages.modeling.loading import load_reward_model, load_tokenizer
+
+    rm = load_reward_model(str(upstream / "reward" / "model"))
+    torch.manual_seed(seed)
+    torch.nn.init.normal_(rm.score.weight, std=0.5)
+    rm.save_pretrained(out)
+    load_tokenizer(str(upstream / "reward" / "model")).save_pretrained(out)
+    return out
+
+
+def test_monitor_logs_proxy_judges_and_kl_keeps_the_best_and_leaves_training_alone(tmp_path, upstream):
+    from transformers import AutoModelForCausalLM
+
+    judge = _random_rm(upstream, tmp_path / "judge_a", seed=5)
+    monitor = {"every": 1, "prompts": {"source": "default:eval_prompts", "limit": 6}, "batch_size": 4,
+               # the second judge is the proxy RM itself: its column must equal the proxy's
+               "judges": [str(judge), str(upstream / "reward" / "model")]}
+    cfg, run_dir = make_run(tmp_path, upstream, "mon", iterations=3, lr=3e-4, monitor=monitor)
+    summary = ppo.run(cfg, run_dir)
+    rows = [r for r in read_metrics(run_dir, "ppo") if "monitor_kl" in r]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert rows[0]["monitor_kl"] == pytest.approx(0.0, abs=1e-5)  # the policy is still the reference
+    assert any(abs(r["monitor_kl"]) > 1e-4 for r in rows[1:])
+    for r in rows:
+        assert r["monitor_sqrt_kl"] == pytest.approx(math.sqrt(max(r["monitor_kl"], 0.0)))
+        assert r["monitor_judge_reward"] == pytest.approx(r["monitor_proxy"], rel=1e-5, abs=1e-6)
+    scores = [r["monitor_judge_judge_a"] for r in rows]
+    best_it = rows[max(range(len(scores)), key=lambda k: (scores[k], -k))]["step"]  # first of equal maxima
+    best = json.loads((run_dir / "ppo" / "best" / "best.json").read_text())
+    assert best["iteration"] == best_it == summary["best_iteration"] and best["judge"] == "judge_a"
+    assert summary["best_judge_score"] == pytest.approx(max(scores))
+    AutoModelForCausalLM.from_pretrained(run_dir / "ppo" / "best")  # a plain HF folder
+
+    # the monitor samples on a forked RNG: training is what it is without the monitor
+    cfg_off, off_dir = make_run(tmp_path, upstream, "off", iterations=3, lr=3e-4)
+    ppo.run(cfg_off, off_dir)
+    assert _comparable(_rows(off_dir), {1, 2, 3}) == _comparable(_rows(run_dir), {1, 2, 3})
+
+    # resume: a run stopped after 2 iterations continues to the same monitor rows and the same best
+    cfg2, split_dir = make_run(tmp_path, upstream, "split", iterations=2, lr=3e-4, save_every=1, monitor=monitor)
+    ppo.run(cfg2, split_dir)
+    cfg3 = RunConfig.model_validate({**cfg2.model_dump(), "ppo": {**cfg2.ppo.model_dump(), "iterations": 3}})
+    summary3 = ppo.run(cfg3, split_dir)
+    split_rows = [r for r in read_metrics(split_dir, "ppo") if "monitor_kl" in r]
+    assert [r["step"] for r in split_rows] == [0, 1, 2, 3]
+    for a, b in zip(split_rows, rows):
+        assert {k: v for k, v in a.items() if k != "time"} == \
+            pytest.approx({k: v for k, v in b.items() if k != "time"}, rel=1e-5, abs=1e-6)
+    assert summary3["best_iteration"] == summary["best_iteration"]
+
+
+def test_monitor_judges_need_the_monitor_on():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="set every > 0"):
+        RunConfig.model_validate({"ppo": {"monitor": {"judges": ["some/rm"]}}})

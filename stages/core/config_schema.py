@@ -99,6 +99,24 @@ class RewardConfig(TrainLoop):
         return self
 
 
+class MonitorConfig(Section):
+    """PPO's over-optimisation monitor (stages/rl/monitor.py)."""
+
+    every: int = Field(0, ge=0, description="score the held-out prompts every N iterations and before the first; "
+                       "0 = off")
+    prompts: DatasetSpec = Field(default_factory=lambda: DatasetSpec(source="default:eval_prompts", limit=32),
+                                 description="held-out prompts, answered with PPO's own sampling settings")
+    judges: list[str] = Field(default_factory=list, description="reward models PPO does not optimise (paths/names); "
+                              "the policy the first one scores best is kept in ppo/best/")
+    batch_size: int = Field(16, ge=1)
+
+    @model_validator(mode="after")
+    def _judges_need_evaluations(self):
+        if self.judges and not self.every:
+            raise ValueError("judges are scored only when the monitor runs: set every > 0")
+        return self
+
+
 class PPOConfig(Section):
     prompts: DatasetSpec = Field(default_factory=lambda: DatasetSpec(source="default:prompts"))
     policy: str = Field("sft", description="'sft' or a model path/name")
@@ -135,6 +153,7 @@ class PPOConfig(Section):
     save_every: int = Field(5, ge=1)
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
     value_lora: LoRAConfig = Field(default_factory=LoRAConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
 
     @model_validator(mode="after")
     def _minibatch_divides(self):
@@ -225,7 +244,7 @@ def stage_inputs(cfg: RunConfig, stage: str) -> StageInputs:
         p = cfg.ppo
         # PPO-ptx mixes in the SFT loss on the SFT demonstrations, cut as SFT cut them.
         ptx = {"sft.data": cfg.sft.data, "sft.max_length": cfg.sft.max_length} if p.ptx_coef > 0 else {}
-        return StageInputs(models=(p.policy, p.reward_model, p.value_init), settings=ptx, files={})
+        return StageInputs(models=(p.policy, p.reward_model, p.value_init, *p.monitor.judges), settings=ptx, files={})
     if stage == "baseline":  # the baseline answers the prompts compare judges
         return StageInputs(models=(), settings={"compare.prompts": cfg.compare.prompts},
                            files={"baseline.prompt_file": resolve_config_path(cfg.baseline.prompt_file)})

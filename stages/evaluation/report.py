@@ -97,6 +97,25 @@ def make_plots(out: Path, metrics: dict, gen_rows: dict, ppo_rows: list[dict]) -
         _save(fig, out / PLOTS / "ppo_curves.png")
         plots["PPO training curves (from ppo/metrics.jsonl)"] = f"{PLOTS}/ppo_curves.png"
 
+    # over-optimisation monitor: proxy reward and held-out judges against sqrt(KL), one point per evaluation
+    mon = [r for r in rows if isinstance(r.get("monitor_sqrt_kl"), (int, float))]
+    if mon:
+        series = [("monitor_proxy", "proxy (PPO's reward)")] + sorted(
+            (k, f"judge {k.removeprefix('monitor_judge_')}") for k in mon[0] if k.startswith("monitor_judge_"))
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        x = [r["monitor_sqrt_kl"] for r in mon]
+        for key, name in series:
+            ax.plot(x, [r.get(key) for r in mon], marker="o", label=name)
+        for r in mon:
+            ax.annotate(str(r["step"]), (r["monitor_sqrt_kl"], r["monitor_proxy"]), fontsize=7)
+        ax.set_xlabel("sqrt(KL to reference), nats^0.5 (labels: iteration)")
+        ax.set_ylabel("mean score, held-out prompts")
+        ax.set_title("Proxy vs held-out judges")
+        ax.legend(fontsize=8)
+        _save(fig, out / PLOTS / "overoptimisation.png")
+        plots["Over-optimisation monitor (ppo.monitor): proxy and judges against sqrt(KL)"] = \
+            f"{PLOTS}/overoptimisation.png"
+
     # win-rate matrix heatmap
     if len(labels) > 1:
         n = len(labels)

@@ -66,6 +66,12 @@ def sample_rollouts(accelerator, policy, tokenizer, texts: list[str], p: PPOConf
     """Step 1: this rank's prompts of the iteration, answered by the policy (batched, KV-cached)."""
     idx = micro_batch_indices(len(texts), seed, iteration - 1, p.batch_size, accelerator.num_processes,
                               accelerator.process_index)
+    return answer(accelerator, policy, tokenizer, texts, idx, p, with_logprobs=with_logprobs)
+
+
+def answer(accelerator, policy, tokenizer, texts: list[str], idx: list[int], p: PPOConfig, *,
+           with_logprobs: bool = False) -> Samples:
+    """texts[idx] answered by the policy with PPO's sampling settings, laid out as rollouts."""
     with accelerator.autocast():
         gen = generate(policy, tokenizer, [texts[i] for i in idx], max_new_tokens=p.max_new_tokens,
                        temperature=p.temperature, top_p=p.top_p, max_prompt_length=p.max_prompt_length,
