@@ -10,6 +10,7 @@ A bad row stops the load with `file:line: column: reason`, before any model is t
 from __future__ import annotations
 
 import difflib
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +59,7 @@ def load_records(spec: DatasetSpec, kind: str) -> LoadResult:
     adapter = check_spec(spec, kind)
     result = LoadResult(records=[])
     prefix = _row_id_prefix(spec.source)
-    for where, raw in read_rows(spec.source, spec.split):
+    for where, raw in read_rows(spec.source, spec.split, spec.data_dir):
         result.rows += 1
         try:
             if isinstance(raw, BadRow):
@@ -71,6 +72,11 @@ def load_records(spec: DatasetSpec, kind: str) -> LoadResult:
             result.skipped += 1
             result.first_error = result.first_error or message
             continue
+        if spec.partition is not None:
+            records = [r for r in records if spec.partition.keeps(prompt_key(r))]
+        if spec.tags:
+            records = [r.model_copy(update={"tags": [*r.tags, *(t for t in spec.tags if t not in r.tags)]})
+                       if isinstance(r, Prompt) else r for r in records]
         result.records.extend(records)
         if spec.limit is not None and len(result.records) >= spec.limit:
             del result.records[spec.limit:]
@@ -83,6 +89,17 @@ def load_records(spec: DatasetSpec, kind: str) -> LoadResult:
     if kind == "prompts":
         _check_unique_ids(spec, result.records)
     return result
+
+
+def prompt_key(record) -> str:
+    """The conversation a record's reply answers, as text: what `partition` hashes."""
+    if isinstance(record, Demonstration):
+        messages = record.messages[:-1]
+    elif isinstance(record, Prompt):
+        messages = record.messages
+    else:
+        messages = record.prompt
+    return json.dumps([[m.role, m.content] for m in messages], ensure_ascii=False)
 
 
 def _check_unique_ids(spec: DatasetSpec, prompts: list[Prompt]) -> None:

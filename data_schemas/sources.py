@@ -44,12 +44,15 @@ def _extension(path: Path) -> str:
     return suffixes[-1] if suffixes else ""
 
 
-def read_rows(source: str, split: str = "train") -> Iterator[Row]:
-    """Yield (location, row) for every row of `source`. Raises DataError for unreadable input."""
+def read_rows(source: str, split: str = "train", data_dir: str | None = None) -> Iterator[Row]:
+    """Yield (location, row) for every row of `source`. Raises DataError for unreadable input.
+    data_dir: a hub dataset's subfolder (e.g. harmless-base of Anthropic/hh-rlhf)."""
     where = resolve_source(source)
     if isinstance(where, str):
-        yield from _hub_rows(where, split)
+        yield from _hub_rows(where, split, data_dir)
         return
+    if data_dir is not None:
+        raise DataError(f"{source}: data_dir is for hub datasets; point source at the file itself")
     path = where
     name = source if source.startswith("default:") else str(path)
     if not path.exists():
@@ -195,11 +198,11 @@ def _parquet_rows(path: Path, name: str) -> Iterator[Row]:
         yield f"{name}:row {i}", row
 
 
-def _hub_rows(name: str, split: str) -> Iterator[Row]:
+def _hub_rows(name: str, split: str, data_dir: str | None = None) -> Iterator[Row]:
     try:
         import datasets
 
-        ds = datasets.load_dataset(name, split=split)
+        ds = datasets.load_dataset(name, split=split, **({"data_dir": data_dir} if data_dir else {}))
     except Exception as e:  # offline, unknown dataset, missing split: all one line for the user
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise DataError(f"{name}: not a local file, and loading it from the Hugging Face hub failed "

@@ -74,7 +74,7 @@ def guess_kind(spec: DatasetSpec) -> str:
         return DEFAULT_KIND.get(spec.source.split(":", 1)[1], "prompts")
     if spec.format in FORMAT_KIND:
         return FORMAT_KIND[spec.format]
-    for _, row in read_rows(spec.source, spec.split):
+    for _, row in read_rows(spec.source, spec.split, spec.data_dir):
         if isinstance(row, BadRow):
             return "preferences"  # the load that follows reports the bad row
         if spec.fields.get("responses", "responses") in row or spec.fields.get("chosen", "chosen") in row:

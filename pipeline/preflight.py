@@ -100,6 +100,8 @@ def validate_data(cfg, stages: list[str]) -> list[str]:
             lines.append(f"reward.eval_data: {len(load_preferences(cfg.reward.eval_data))} preference records")
     if "ppo" in stages:
         lines.append(f"ppo.prompts: {len(load_prompts(cfg.ppo.prompts))} prompts")
+        if cfg.ppo.monitor.every:
+            lines.append(f"ppo.monitor.prompts: {len(load_prompts(cfg.ppo.monitor.prompts))} prompts")
     if "baseline" in stages or "compare" in stages:
         lines.append(f"compare.prompts: {len(load_prompts(cfg.compare.prompts))} prompts")
     return lines
@@ -258,6 +260,8 @@ def check_references(cfg, selected: list[str]) -> list[str]:
         else:
             model(p.reward_model, "ppo.reward_model")
         model(p.policy, "ppo.policy")
+        for i, ref in enumerate(p.monitor.judges):
+            model(ref, f"ppo.monitor.judges[{i}]")
         model(p.value_init, "ppo.value_init", (*STAGES, "policy"))
     if "baseline" in selected:
         model(cfg.baseline.model or cfg.model, "baseline.model", ())
