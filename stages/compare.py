@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -123,6 +124,17 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
             vocab[lab] = vocab_fingerprint(responder.tokenizer)
         responder.close()
 
+    # ---- best of N: N SFT samples per prompt, PPO's reward model picks one ----
+    if c.best_of_n:
+        lab = f"best_of_{c.best_of_n}"
+        t0 = time.perf_counter()
+        samples[lab] = best_of_n(cfg, run_dir, conversations, optimised, max_length(cfg))
+        # not "chat": its KL to the SFT model is the bound in the notes, not a measured log-ratio
+        kinds[lab], paths[lab] = "best-of-n", resolve_input_model(run_dir, "sft", "compare.best_of_n")
+        sources[lab] = f"best of {c.best_of_n} SFT samples by PPO's reward model"
+        seconds[lab] = round(time.perf_counter() - t0, 2)
+        labels.append(lab)
+
     # ---- KL to the reference (tuned models only) ----
     kl: dict[str, list[float] | None] = {lab: None for lab in labels}
     for lab in labels:
@@ -141,7 +153,6 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
         del ref_model
 
     # ---- judges: every reward model scores every response, one model in memory at a time ----
-    max_length = stage_inputs(cfg, STAGE).settings["reward.max_length"]  # rows cut as the RM was trained on
     scores: dict[str, dict[str, np.ndarray]] = {}
     for name in judge_names:
         rm_tok = load_tokenizer(judge_paths[name], cfg.trust_remote_code)
@@ -149,7 +160,8 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
                                                pad_token_id=rm_tok.pad_token_id), cfg.precision).eval()
         with autocast(cfg.precision, rm.device):
             scores[name] = {lab: np.array(reward_model_judge(rm, rm_tok, conversations, [s.text for s in samples[lab]],
-                                                             c.decoding.batch_size, max_length)) for lab in labels}
+                                                             c.decoding.batch_size, max_length(cfg)))
+                         for lab in labels}
         del rm
     rewards = scores[lead]
 
@@ -200,6 +212,11 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
                                   else ", which PPO did not optimise (a held-out judge)")
                                + (" No human labels were given." if human_rows is None else
                                   f" {len(human_rows)} human labels are in 'human'.")),
+                  **({"best_of_n": f"best_of_{c.best_of_n}: {c.best_of_n} SFT samples per prompt (compare.decoding, "
+                                   f"seeds {cfg.seed}..{cfg.seed + c.best_of_n - 1}), the one PPO's reward model scores "
+                                   f"highest. Its KL to the SFT model is at most log N - (N-1)/N = "
+                                   f"{math.log(c.best_of_n) - (c.best_of_n - 1) / c.best_of_n:.3f} nats "
+                                   "(Stiennon et al. 2020), so it is not measured."} if c.best_of_n else {}),
                   "offensive": f"alt-profanity-check P(offensive) on responses to prompts tagged '{HARMFUL_TAG}'; "
                                f"rate = fraction with P > {cm.OFFENSIVE_THRESHOLD}."},
     }
@@ -222,6 +239,38 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     summary = {**headline(metrics), **runtime_info(cfg.precision)}
     write_summary(run_dir, STAGE, summary)
     return summary
+
+
+def max_length(cfg: RunConfig) -> int:
+    """Judges score rows cut as the reward stage cut them."""
+    return stage_inputs(cfg, STAGE).settings["reward.max_length"]
+
+
+def best_of_n(cfg: RunConfig, run_dir: Path, conversations, proxy: str | None, max_len: int) -> list[Sample]:
+    """Per prompt, the one of N SFT samples (seeds seed, seed+1, ...; the first is the SFT row's own
+    sample) that PPO's reward model scores highest. Its KL to the SFT model is at most
+    log N - (N-1)/N nats (Stiennon et al. 2020), whatever the prompt."""
+    import torch
+
+    c = cfg.compare
+    if proxy is None:
+        raise StageError("compare.best_of_n needs the reward model PPO optimised, and this run's PPO uses a "
+                         "reward_fn or a reward model that cannot be found")
+    responder = responder_for("sft", cfg, run_dir, c.decoding, needed_by="compare.best_of_n", name="sft")
+    candidates = []
+    for k in range(c.best_of_n):
+        torch.manual_seed(cfg.seed + k)
+        candidates.append(responder.sample(conversations))
+    responder.close()
+    rm_tok = load_tokenizer(proxy, cfg.trust_remote_code)
+    rm = autocast_layout(load_reward_model(proxy, "fp32", cfg.trust_remote_code, pad_token_id=rm_tok.pad_token_id),
+                         cfg.precision).eval()
+    with autocast(cfg.precision, rm.device):
+        scored = [reward_model_judge(rm, rm_tok, conversations, [s.text for s in cand], c.decoding.batch_size, max_len)
+                  for cand in candidates]
+    del rm
+    best = np.argmax(np.array(scored), axis=0)
+    return [candidates[int(k)][i] for i, k in enumerate(best)]
 
 
 def ppo_reward_model(cfg: RunConfig, run_dir: Path) -> str | None:

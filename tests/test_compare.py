@@ -308,3 +308,27 @@ def test_report_plots_the_monitor_against_sqrt_kl(compared, tmp_path):
     assert (tmp_path / "plots" / "overoptimisation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "overoptimisation.png" in (tmp_path / "report.html").read_text()
     assert "overoptimisation.png" not in (run / "compare" / "report.md").read_text()  # no monitor rows there
+
+
+def test_best_of_n_picks_the_sft_sample_the_proxy_rm_scores_highest(compared, tmp_path):
+    """best_of_3: 3 SFT samples per prompt, PPO's RM picks one. The first candidate is the SFT row's own
+    sample (same seed and decoding), so per prompt the pick scores at least as high as SFT under that RM."""
+    import shutil
+
+    from stages import compare
+
+    run, _, _ = compared
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("compare"))
+    config = load_cfg(copy)
+    config = config.model_copy(update={"compare": config.compare.model_copy(update={"best_of_n": 3})})
+    summary = compare.run(config, copy)
+    m = json.loads((copy / "compare" / "metrics.json").read_text())
+    assert m["models"] == ["baseline", "sft", "ppo", "best_of_3"] and "win_rate_best_of_3_vs_sft" in summary
+    assert m["per_model"]["best_of_3"]["kl_to_reference"] is None and "log N" in m["notes"]["best_of_n"]
+    rows = {lab: [json.loads(x) for x in (copy / "compare" / "generations" / f"{lab}.jsonl").read_text().splitlines()]
+            for lab in ("sft", "best_of_3")}
+    assert m["lead_judge"] == "reward"  # the only judge is PPO's RM, which also picked
+    assert all(b["reward"] >= s["reward"] - 1e-6 for b, s in zip(rows["best_of_3"], rows["sft"]))
+    assert any(b["response"] != s["response"] for b, s in zip(rows["best_of_3"], rows["sft"]))
+    assert "**Best of N**" in (copy / "compare" / "report.md").read_text()

@@ -185,6 +185,14 @@ class CompareConfig(Section):
                               "reward-model path/name. The report leads with one that PPO did not optimise")
     human_labels: str | None = Field(None, description="an `rlhf label` labels file: human win rates and each "
                                      "judge's agreement with the people")
+    best_of_n: int = Field(0, ge=0, description="N >= 2 adds the model best_of_N: N samples of the SFT model per "
+                           "prompt, the one PPO's reward model scores highest (the reference point RL should beat)")
+
+    @model_validator(mode="after")
+    def _best_of_n(self):
+        if self.best_of_n == 1:
+            raise ValueError("best_of_n: 1 is the SFT model itself; use 0 (off) or N >= 2")
+        return self
     reference: str | None = Field("sft", description="KL reference for tuned models; null = skip KL")
     decoding: Decoding = Field(default_factory=Decoding)
     bootstrap: int = Field(1000, ge=0, description="resamples over prompts for win-rate intervals; 0 = none")
@@ -254,7 +262,7 @@ def stage_inputs(cfg: RunConfig, stage: str) -> StageInputs:
         c = cfg.compare
         # Which judge PPO optimised is read from the ppo section.
         labels = ({"compare.human_labels": resolve_config_path(c.human_labels)} if c.human_labels else {})
-        return StageInputs(models=(*c.models, *c.judges, c.reference),
+        return StageInputs(models=(*c.models, *c.judges, c.reference, *(("sft",) if c.best_of_n else ())),
                            settings={"reward.max_length": cfg.reward.max_length, "ppo.reward_model": cfg.ppo.reward_model,
                                      "ppo.reward_fn": cfg.ppo.reward_fn}, files=labels)
     raise ValueError(f"unknown stage {stage!r}")
