@@ -332,3 +332,11 @@ def test_best_of_n_picks_the_sft_sample_the_proxy_rm_scores_highest(compared, tm
     assert all(b["reward"] >= s["reward"] - 1e-6 for b, s in zip(rows["best_of_3"], rows["sft"]))
     assert any(b["response"] != s["response"] for b, s in zip(rows["best_of_3"], rows["sft"]))
     assert "**Best of N**" in (copy / "compare" / "report.md").read_text()
+
+
+def test_model_labels_keep_two_runs_reward_models_apart():
+    from stages.core.run_folder import model_label
+
+    assert [model_label(r) for r in ("sft", "baseline", "runs/hh/reward/model", "/x/runs/judge/reward/model/",
+                                     "runs/q/ppo/best", "HuggingFaceTB/SmolLM2-135M", "/tmp/my rm")] == \
+        ["sft", "baseline", "hh-reward", "judge-reward", "q-ppo-best", "SmolLM2-135M", "my_rm"]

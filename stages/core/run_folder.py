@@ -4,6 +4,7 @@ resolved config and the summary beside it. The pipeline owns the manifest and th
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import yaml
@@ -45,3 +46,17 @@ def write_summary(run_dir: str | os.PathLike, stage: str, metrics: dict) -> None
 
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def model_label(ref: str) -> str:
+    """A short file-safe name for a model reference. Stage names stay as they are; a run folder's
+    exported model (`.../RUN/STAGE/model`, `.../RUN/ppo/best`) becomes `RUN-STAGE` (`RUN-ppo-best`), so
+    two runs' reward models keep apart; any other path becomes its last part."""
+    if ref in (*STAGES, "baseline"):
+        return ref
+    parts = Path(ref.rstrip("/")).parts
+    if len(parts) >= 3 and parts[-2] in STAGES and parts[-1] in ("model", "best"):
+        tail = "-".join(parts[-3:-1]) + ("-best" if parts[-1] == "best" else "")
+    else:
+        tail = parts[-1] if parts else ref
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", tail).strip("._") or "model"

@@ -14,14 +14,12 @@ from __future__ import annotations
 import copy
 import gc
 import os
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from stages.core.config_schema import Decoding, RunConfig
-from stages.core.run_folder import is_main_process, resolve_input_model
+from stages.core.run_folder import is_main_process, model_label, resolve_input_model
 from stages.core.runtime import autocast, autocast_layout
 from stages.evaluation.baseline_outputs import BASELINE, baseline_model, baseline_prompt
 from stages.evaluation.dialogue_prompt import render_transcript, stop_strings_for, truncate_at_stop
@@ -196,14 +194,6 @@ class PromptedBaseline(Responder):
 
 
 # ---- model references ('baseline', 'sft', 'ppo', or a path/name) ----
-
-def model_label(ref: str) -> str:
-    """A short file-safe name for a model reference: stage names stay, paths become their last part."""
-    if ref in (BASELINE, "sft", "ppo", "reward"):
-        return ref
-    tail = Path(ref.rstrip("/")).name or ref
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", tail).strip("._") or "model"
-
 
 def unique_labels(refs: list[str]) -> list[str]:
     labels, seen = [], {}

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ import torch
 from data_schemas.files import atomic_write_json
 from stages.core.config_schema import PPOConfig
 from stages.core.errors import StageError
+from stages.core.run_folder import model_label
 from stages.core.runtime import autocast_layout
 from stages.modeling.reward_scoring import last_token_scores
 from stages.modeling.tensors import logprobs_from_logits
@@ -119,10 +119,8 @@ def load_judges(refs: list[str], resolve, tokenizer, precision: str, trust_remot
         if load_tokenizer(path, trust_remote_code).get_vocab() != tokenizer.get_vocab():
             raise StageError(f"ppo.monitor.judges[{i}]: {path} has a different tokenizer from the policy; a judge "
                              "scores the policy's tokens as they are, so it must share the vocabulary")
-        parts = Path(str(path).rstrip("/")).parts
-        # runs/x/reward/model -> "reward"; a hub name's or folder's last part otherwise; a metrics-safe key
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", parts[-2] if len(parts) > 1 and parts[-1] == "model" else parts[-1])
-        if not name or name in out:
+        name = model_label(str(path))  # runs/judge/reward/model -> judge-reward
+        if name in out:
             name = f"{name}_{i}"
         rm = load_reward_model(path, "fp32", trust_remote_code, pad_token_id=tokenizer.pad_token_id)
         rm.requires_grad_(False)
