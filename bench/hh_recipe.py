@@ -80,8 +80,8 @@ def main() -> int:
         "judges": [{k: j[k] for k in ("name", "role", "mean_reward", "optimised_by_ppo")} |
                    {"win": {a: {b: j["win_rates"][a][b]["win"] for b in j["win_rates"][a] if b != a}
                             for a in j["win_rates"]},
-                    "ci": {a: {b: j["win_rates"][a][b].get("ci95") for b in j["win_rates"][a] if b != a}
-                           for a in j["win_rates"]}}
+                    "ci95": {a: {b: [j["win_rates"][a][b].get("ci_low"), j["win_rates"][a][b].get("ci_high")]
+                                 for b in j["win_rates"][a] if b != a} for a in j["win_rates"]}}
                    for j in metrics["judges"]],
         "per_model": {lab: {k: m[k] for k in ("kl_to_reference", "offensive_rate", "offensive_prob_mean",
                                               "mean_length_tokens")} for lab, m in metrics["per_model"].items()},

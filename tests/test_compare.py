@@ -256,6 +256,10 @@ def test_judges_lead_with_a_held_out_rm_and_human_labels_give_win_rates_and_agre
     assert [j["optimised_by_ppo"] for j in m["judges"]] == [True, False]
     assert m["lead_judge"] == "judge-rm" and m["reward_model_optimised_by_ppo"] is False
     assert summary["lead_judge"] == "judge-rm" and "judge_reward_win_rate_ppo_vs_sft" in summary
+    # a judge that differs from the proxy gives different scores and win rates, and the headline follows the lead
+    assert m["judges"][0]["mean_reward"] != m["judges"][1]["mean_reward"]
+    assert m["judges"][0]["win_rates"] != m["judges"][1]["win_rates"]
+    assert m["win_rates"] == m["judges"][1]["win_rates"]
 
     human = m["human"]["win_rates"]["ppo"]["sft"]
     assert (human["wins"], human["losses"], human["ties"]) == (2, 1, 1)
