@@ -53,7 +53,7 @@ def test_chat_with_model_folder_ends_at_eof(run_folder, monkeypatch, capsys):
         main(["chat", str(run_folder / "sft" / "model"), "--max-new-tokens", "3"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert out.count("[model]") == 2 and "[baseline]" not in out
+    assert out.count("[run-sft]") == 2 and "[baseline]" not in out  # RUN/sft/model is labelled RUN-sft
 
 
 def test_chat_bad_target_is_a_one_line_error(tmp_path, capsys):

@@ -449,7 +449,7 @@ def test_monitor_logs_proxy_judges_and_kl_keeps_the_best_and_leaves_training_alo
     assert any(abs(r["monitor_kl"]) > 1e-4 for r in rows[1:])
     for r in rows:
         assert r["monitor_sqrt_kl"] == pytest.approx(math.sqrt(max(r["monitor_kl"], 0.0)))
-        assert r["monitor_judge_reward"] == pytest.approx(r["monitor_proxy"], rel=1e-5, abs=1e-6)
+        assert r[f"monitor_judge_{upstream.name}-reward"] == pytest.approx(r["monitor_proxy"], rel=1e-5, abs=1e-6)
     scores = [r["monitor_judge_judge_a"] for r in rows]
     best_it = rows[max(range(len(scores)), key=lambda k: (scores[k], -k))]["step"]  # first of equal maxima
     best = json.loads((run_dir / "ppo" / "best" / "best.json").read_text())
