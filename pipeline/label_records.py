@@ -19,7 +19,8 @@ from pathlib import Path
 
 from data_schemas.errors import DataError
 from data_schemas.files import append_jsonl
-from stages.evaluation.human_labels import LABELS, read_labels, ties_path, wilson_interval  # noqa: F401 (re-exported)
+from stages.evaluation.human_labels import (LABELS, pairwise_win_rates, read_labels, ties_path,  # noqa: F401
+                                            wilson_interval)  # (LABELS, read_labels, ties_path: re-exported)
 
 
 
@@ -164,18 +165,9 @@ def save_label(out: str | Path, row: dict) -> None:
 def win_rates(rows: list[dict]) -> dict[str, dict]:
     """Per model: wins, losses, ties, both_bad over every comparison it was in, and the win rate
     wins / (wins + losses) with a Wilson 95% CI. Ties and both-bad are counted, not rated."""
-    stats: dict[str, dict] = defaultdict(lambda: dict(wins=0, losses=0, ties=0, both_bad=0))
-    for row in rows:
-        m = row["meta"]
-        a, b, label = m["model_a"], m["model_b"], m["label"]
-        if label in ("A", "B"):
-            winner, loser = (a, b) if label == "A" else (b, a)
-            stats[winner]["wins"] += 1
-            stats[loser]["losses"] += 1
-        else:
-            key = "ties" if label == "tie" else "both_bad"
-            stats[a][key] += 1
-            stats[b][key] += 1
+    # a model's counts are the sums of its cells against each opponent
+    stats = {model: {k: sum(cell[k] for cell in against.values()) for k in ("wins", "losses", "ties", "both_bad")}
+             for model, against in pairwise_win_rates(rows).items()}
     for s in stats.values():
         n = s["wins"] + s["losses"]
         s["comparisons"] = n + s["ties"] + s["both_bad"]

@@ -90,7 +90,8 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     judge_paths = {name: resolve_input_model(run_dir, ref, f"compare.judges[{i}]")
                    for i, (ref, name) in enumerate(zip(c.judges, judge_names))}
     optimised = ppo_reward_model(cfg, run_dir)
-    lead = next((n for n in judge_names if not (optimised and same_model(judge_paths[n], optimised))), judge_names[0])
+    by_ppo = {n: bool(optimised and same_model(judge_paths[n], optimised)) for n in judge_names}
+    lead = next((n for n in judge_names if not by_ppo[n]), judge_names[0])
     human_rows = read_labels(resolve_config_path(c.human_labels)) if c.human_labels else None
     ref_path = resolve_input_model(run_dir, c.reference, "compare.reference") if c.reference else None
     reuse_settings = (generation_settings(cfg, baseline_prompt(cfg, run_dir), prompts, c.decoding)
@@ -155,9 +156,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     # ---- judges: every reward model scores every response, one model in memory at a time ----
     scores: dict[str, dict[str, np.ndarray]] = {}
     for name in judge_names:
-        rm_tok = load_tokenizer(judge_paths[name], cfg.trust_remote_code)
-        rm = autocast_layout(load_reward_model(judge_paths[name], "fp32", cfg.trust_remote_code,
-                                               pad_token_id=rm_tok.pad_token_id), cfg.precision).eval()
+        rm, rm_tok = load_judge(judge_paths[name], cfg)
         with autocast(cfg.precision, rm.device):
             scores[name] = {lab: np.array(reward_model_judge(rm, rm_tok, conversations, [s.text for s in samples[lab]],
                                                              c.decoding.batch_size, max_length(cfg)))
@@ -186,15 +185,15 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
             "empty_responses": sum(1 for t in texts if not t),
             "generation_seconds": seconds.get(lab),
         }
+    judges = judge_table(judge_names, judge_paths, by_ppo, scores, labels, c, resamples, prompts, samples, human_rows)
     metrics = {
         "models": labels,
         "num_prompts": len(prompts),
         "num_harmful_prompts": len(harmful),
         "reward_model": judge_paths[lead],
-        "reward_model_optimised_by_ppo": bool(optimised and same_model(judge_paths[lead], optimised)),
+        "reward_model_optimised_by_ppo": by_ppo[lead],
         "lead_judge": lead,
-        "judges": judge_table(judge_names, judge_paths, optimised, scores, labels, c, resamples, prompts, samples,
-                              human_rows),
+        "judges": judges,
         "human": human_summary(human_rows, c.human_labels) if human_rows is not None else None,
         "reference": ref_path,
         "decoding": c.decoding.model_dump(),
@@ -202,13 +201,13 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
         "bootstrap_resamples": c.bootstrap,
         "tie_epsilon": c.tie_epsilon,
         "per_model": per_model,
-        "win_rates": cm.win_rate_table(rewards, c.tie_epsilon, resamples),
+        "win_rates": next(j["win_rates"] for j in judges if j["name"] == lead),
         "length_controlled_win_rates": cm.win_rate_table(lc_scores, c.tie_epsilon, resamples),
         "length_slope_reward_per_token": slope,
         "notes": {"kl": KL_NOTE, "length_control": LENGTH_NOTE,
                   "win_rate": (f"Win rates are judged by the reward model {lead!r}"
                                + (", the one PPO optimised: a training metric, not evidence of quality."
-                                  if optimised and same_model(judge_paths[lead], optimised)
+                                  if by_ppo[lead]
                                   else ", which PPO did not optimise (a held-out judge)")
                                + (" No human labels were given." if human_rows is None else
                                   f" {len(human_rows)} human labels are in 'human'.")),
@@ -262,15 +261,20 @@ def best_of_n(cfg: RunConfig, run_dir: Path, conversations, proxy: str | None, m
         torch.manual_seed(cfg.seed + k)
         candidates.append(responder.sample(conversations))
     responder.close()
-    rm_tok = load_tokenizer(proxy, cfg.trust_remote_code)
-    rm = autocast_layout(load_reward_model(proxy, "fp32", cfg.trust_remote_code, pad_token_id=rm_tok.pad_token_id),
-                         cfg.precision).eval()
+    rm, rm_tok = load_judge(proxy, cfg)
     with autocast(cfg.precision, rm.device):
         scored = [reward_model_judge(rm, rm_tok, conversations, [s.text for s in cand], c.decoding.batch_size, max_len)
                   for cand in candidates]
     del rm
     best = np.argmax(np.array(scored), axis=0)
     return [candidates[int(k)][i] for i, k in enumerate(best)]
+
+
+def load_judge(path: str, cfg: RunConfig):
+    """(reward model, its tokenizer): frozen, in the run's precision layout."""
+    tok = load_tokenizer(path, cfg.trust_remote_code)
+    rm = load_reward_model(path, "fp32", cfg.trust_remote_code, pad_token_id=tok.pad_token_id)
+    return autocast_layout(rm, cfg.precision).eval(), tok
 
 
 def ppo_reward_model(cfg: RunConfig, run_dir: Path) -> str | None:
@@ -284,14 +288,13 @@ def ppo_reward_model(cfg: RunConfig, run_dir: Path) -> str | None:
         return None
 
 
-def judge_table(names, paths, optimised, scores, labels, c, resamples, prompts, samples, human_rows) -> list[dict]:
+def judge_table(names, paths, by_ppo, scores, labels, c, resamples, prompts, samples, human_rows) -> list[dict]:
     """Per judge: its path, whether PPO optimised it, each model's mean score, win rates, and (with
     human labels) its agreement with the people on the labelled pairs of these responses."""
     out = []
     for name in names:
-        by_ppo = bool(optimised and same_model(paths[name], optimised))
-        row = {"name": name, "path": paths[name], "optimised_by_ppo": by_ppo,
-               "role": "PPO's reward model: a training metric" if by_ppo else "held-out judge (not optimised)",
+        row = {"name": name, "path": paths[name], "optimised_by_ppo": by_ppo[name],
+               "role": "PPO's reward model: a training metric" if by_ppo[name] else "held-out judge (not optimised)",
                "mean_reward": {lab: float(scores[name][lab].mean()) for lab in labels},
                "win_rates": cm.win_rate_table(scores[name], c.tie_epsilon, resamples), "human_agreement": None}
         if human_rows is not None:

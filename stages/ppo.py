@@ -32,12 +32,12 @@ from stages.core.entry import stage_main
 from stages.core.errors import StageError
 from stages.core.metrics_log import MetricsLogger, close_stage, read_metrics, restart_logs
 from stages.core.run_folder import resolve_input_model, stage_dir, write_stage_config
-from stages.core.runtime import generation_logprobs_exact, make_accelerator, resolved, runtime_info
+from stages.core.runtime import generation_logprobs_exact, make_accelerator, rank_sum, resolved, runtime_info
 from stages.modeling.trainable import trainable_params
 from stages.rl.ppo_math import gae, kl_penalized_rewards, make_kl_controller, masked_whiten
 from stages.rl.ppo_models import PPOModels, Trainees, export_policy, load_models, load_reward_stats
 from stages.rl.monitor import Monitor, load_judges
-from stages.rl.ppo_update import ppo_update, rank_sum
+from stages.rl.ppo_update import ppo_update
 from stages.rl.rollout import Rollout, prepare_prompts, sample_rollouts, score_rollouts
 from stages.training import checkpoint as ckpt
 from stages.training.guard import SpikeGuard
@@ -122,7 +122,7 @@ class Session:
 
 
 def _resume(cfg: RunConfig, out_dir: Path, models: PPOModels, opts: dict, kl_ctl, ema: dict | None,
-            accelerator) -> tuple[int, int, int | None]:
+            accelerator) -> tuple[int, int, int | None, dict | None]:
     """(start iteration, optimizer step, resumed_from, monitor state) from the last checkpoint, or a fresh start.
     Runs before accelerate.prepare: weights load into the models as loaded."""
     from safetensors.torch import load_file

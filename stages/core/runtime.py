@@ -122,6 +122,14 @@ def generation_logprobs_exact(precision: str) -> bool:
     return resolve_precision(precision) == "fp32"
 
 
+def rank_sum(accelerator):
+    """A function summing a tensor over the ranks (data parallel), or None with one process, where
+    there is nothing to sum and callers keep their single-process arithmetic exactly as it was."""
+    if accelerator.num_processes == 1:
+        return None
+    return lambda x: accelerator.reduce(x.detach(), reduction="sum")
+
+
 def make_accelerator(cfg):
     """accelerate's Accelerator at the run's (concrete) precision."""
     import torch

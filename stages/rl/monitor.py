@@ -24,7 +24,7 @@ from data_schemas.files import atomic_write_json
 from stages.core.config_schema import PPOConfig
 from stages.core.errors import StageError
 from stages.core.run_folder import model_label
-from stages.core.runtime import autocast_layout
+from stages.core.runtime import autocast_layout, rank_sum
 from stages.modeling.reward_scoring import last_token_scores
 from stages.modeling.tensors import logprobs_from_logits
 from stages.rl.ppo_models import PPOModels, export_policy, policy_logits, reference_context, reward_model_scores
@@ -83,7 +83,8 @@ class Monitor:
                 kl = ((logp - ref_logp) * s.mask).sum(1)
                 parts = [proxy.float().sum(), kl.sum()] + [j.sum() for j in judged]
                 sums += torch.stack([x.to(acc.device, torch.float64) for x in parts])
-        sums = acc.reduce(sums, reduction="sum") if acc.num_processes > 1 else sums
+        total = rank_sum(acc)
+        sums = total(sums) if total is not None else sums
         n = len(self.texts)
         kl = float(sums[1] / n)
         row = {"monitor_proxy": float(sums[0] / n), "monitor_kl": kl, "monitor_sqrt_kl": math.sqrt(max(kl, 0.0))}

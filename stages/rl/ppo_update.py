@@ -8,7 +8,7 @@ import math
 import torch
 
 from stages.core.config_schema import PPOConfig
-from stages.core.runtime import training_attention
+from stages.core.runtime import rank_sum, training_attention
 from stages.modeling.tensors import logprobs_from_logits
 from stages.modeling.trainable import trainable_params
 from stages.rl.ppo_math import clipped_policy_loss, clipped_value_loss
@@ -18,13 +18,6 @@ from stages.rl.rollout import Rollout
 
 UPDATE_METRICS = ("policy_loss", "value_loss", "clipfrac", "value_clipfrac", "approx_kl", "ratio_mean",
                   "grad_norm_policy", "grad_norm_value", "ptx_loss")
-
-
-def rank_sum(accelerator):
-    """A function summing a tensor over the ranks, or None with one process (nothing to sum)."""
-    if accelerator.num_processes == 1:
-        return None
-    return lambda x: accelerator.reduce(x.detach().float(), reduction="sum")
 
 
 def _token_share(accelerator, mask) -> float | torch.Tensor:

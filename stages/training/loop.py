@@ -21,7 +21,7 @@ import torch
 from stages.core.config_schema import RunConfig, TrainLoop
 from stages.core.metrics_log import restart_logs
 from stages.core.run_folder import stage_dir
-from stages.core.runtime import HeapTrim, runtime_info, training_attention
+from stages.core.runtime import HeapTrim, rank_sum, runtime_info, training_attention
 from stages.training import checkpoint as ckpt
 from stages.training.data_order import micro_batch_indices, total_steps
 from stages.training.guard import SpikeGuard
@@ -74,12 +74,12 @@ def _units_per_rank(accelerator, local: int, world: int) -> float:
     """The divisor of a rank's summed loss: the optimizer step's loss units (tokens, pairs) over all
     ranks, divided by the world size. DDP averages gradients over ranks, so every unit weighs the same
     whichever rank holds it, and 2 ranks step as 1 rank would on the same global batch."""
-    if world == 1:
+    total = rank_sum(accelerator)
+    if total is None:
         return max(1, local)
     import torch
 
-    total = accelerator.reduce(torch.tensor(float(local), device=accelerator.device), reduction="sum").item()
-    return max(1.0, total) / world
+    return max(1.0, total(torch.tensor(float(local), device=accelerator.device)).item()) / world
 
 
 def fit(*, accelerator, model, cfg: RunConfig, stage: str, run_dir: Path, n_train: int,
