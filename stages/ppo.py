@@ -35,7 +35,7 @@ from stages.core.run_folder import resolve_input_model, stage_dir, write_stage_c
 from stages.core.runtime import generation_logprobs_exact, make_accelerator, rank_sum, resolved, runtime_info
 from stages.modeling.trainable import trainable_params
 from stages.rl.ppo_math import gae, kl_penalized_rewards, make_kl_controller, masked_whiten
-from stages.rl.ppo_models import PPOModels, Trainees, export_policy, load_models, load_reward_stats
+from stages.rl.ppo_models import PPOModels, Trainees, export_policy, load_models
 from stages.rl.monitor import Monitor, load_judges
 from stages.rl.ppo_update import ppo_update
 from stages.rl.rollout import Rollout, prepare_prompts, sample_rollouts, score_rollouts
@@ -161,9 +161,8 @@ def start_session(cfg: RunConfig, run_dir: Path) -> Session:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_stage_config(run_dir, "ppo", cfg)
     models = load_models(cfg, run_dir, inputs.tokenizer.pad_token_id)
-    stats = None
+    stats = models.reward_stats
     if inputs.reward_fn is None and p.reward_normalize:
-        stats = load_reward_stats(models.reward_path)
         if stats is None:
             print(f"ppo: warning: {models.reward_path}/reward_stats.json is missing; RM scores are not normalised",
                   file=sys.stderr)

@@ -247,6 +247,28 @@ def test_value_lora_shares_the_reward_model_base(tmp_path, upstream):
     assert not torch.allclose(values[:, -1], expected, atol=1e-3)  # the value path does use the adapter
 
 
+@pytest.mark.parametrize("normalise", [True, False])
+def test_value_from_the_rm_is_on_the_normalised_reward_scale(tmp_path, upstream, normalise):
+    """The value starts from the RM; with normalised rewards ((raw - mean) / std, here mean 0.1,
+    std 2.0) it must read the RM's head on that same scale, or every return starts ~mean/std off."""
+    from stages.modeling.loading import load_reward_model
+    from stages.modeling.reward_scoring import ValueModel
+    from stages.rl.ppo_models import load_models
+
+    cfg, run_dir = make_run(tmp_path, upstream, reward_normalize=normalise)
+    m = load_models(cfg, run_dir, pad_token_id=0)
+    ids = torch.randint(3, 1000, (2, 9))
+    attn = torch.ones_like(ids)
+    pos = attn.cumsum(-1) - 1
+    raw = ValueModel(load_reward_model(str(upstream / "reward" / "model")))
+    with torch.no_grad():
+        expected = raw(ids, attn, pos, 4)
+        got = m.value(ids, attn, pos, 4)
+    assert m.reward_stats == ({"mean": 0.1, "std": 2.0} if normalise else None)
+    assert torch.allclose(got, (expected - 0.1) / 2.0 if normalise else expected, atol=1e-5)
+    assert expected.abs().max() > 0.05  # the check has something to see
+
+
 # ---- resume ----
 
 def _comparable(rows, steps):

@@ -64,14 +64,21 @@ def packed_scores(model, input_ids, position_ids, ends) -> torch.Tensor:
 
 class ValueModel(torch.nn.Module):
     """V(s_t) for every response position: a sequence classifier's backbone, with its one-output
-    score head applied to each hidden state (InstructGPT initialises it from the RM)."""
+    score head applied to each hidden state (InstructGPT initialises it from the RM).
 
-    def __init__(self, seq_cls):
+    `normalise` {"mean", "std"}: values are (head - mean) / std, a fixed affine map, not a weight.
+    PPO passes the RM's score statistics when the value starts from the RM and rewards are
+    normalised with them, so the first values are on the rewards' scale. Without it they sat ~mean/std
+    (~1.3 on the quickstart) above every return, and the value clip (±cliprange_value per update) kept
+    that bias in the last tokens' advantages for many iterations."""
+
+    def __init__(self, seq_cls, normalise: dict | None = None):
         super().__init__()
         base = peft_base(seq_cls)
         self.backbone = getattr(base, base.base_model_prefix)   # e.g. LlamaForSequenceClassification.model
         self.head = base.score                                   # a ModulesToSaveWrapper under LoRA
         object.__setattr__(self, "seq_cls", seq_cls)            # kept for disable_adapter, not a submodule
+        self.shift, self.scale = (normalise["mean"], normalise["std"]) if normalise else (0.0, 1.0)
 
     def hidden(self, input_ids, attention_mask, position_ids):
         return self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -80,7 +87,7 @@ class ValueModel(torch.nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, response_len: int):
         """-> (B, R) values of the states before each response token (the positions predicting it)."""
         h = self.hidden(input_ids, attention_mask, position_ids)[:, -response_len - 1:-1]
-        return self.head(h).squeeze(-1).float()
+        return (self.head(h).squeeze(-1).float() - self.shift) / self.scale
 
 
 def last_token_scores(model: ValueModel | torch.nn.Module, input_ids, attention_mask, position_ids) -> torch.Tensor:

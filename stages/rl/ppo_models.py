@@ -38,7 +38,8 @@ class PPOModels:
     ref:    frozen causal LM, or None when the reference is the policy with its adapter disabled.
     value:  ValueModel (trainable).
     reward: frozen sequence classifier, None with a reward_fn or when it is the value's base (shared).
-    reward_shared: the RM is `value` with its adapter disabled."""
+    reward_shared: the RM is `value` with its adapter disabled.
+    reward_stats: the RM's score mean/std that normalise the rewards, or None (not normalised)."""
 
     policy: torch.nn.Module
     ref: torch.nn.Module | None
@@ -48,6 +49,7 @@ class PPOModels:
     policy_path: str
     reward_path: str | None
     value_path: str
+    reward_stats: dict | None = None
 
 
 @dataclass
@@ -104,7 +106,9 @@ def load_models(cfg: RunConfig, run_dir: Path, pad_token_id: int, log=print) -> 
     if p.value_lora.enabled:
         value_seq = apply_lora(value_seq, p.value_lora, "SEQ_CLS")
     value_seq.eval()
-    value = ValueModel(value_seq)
+    stats = load_reward_stats(reward_path) if p.reward_normalize else None
+    # A value that starts from the RM reads its scores on the normalised rewards' scale.
+    value = ValueModel(value_seq, stats if value_path == reward_path else None)
 
     reward, shared = None, False
     if reward_path is not None:
@@ -113,7 +117,7 @@ def load_models(cfg: RunConfig, run_dir: Path, pad_token_id: int, log=print) -> 
         else:
             reward = _frozen(autocast_layout(load_reward_model(reward_path, "fp32", trc, pad_token_id=pad_token_id),
                                              cfg.precision))
-    return PPOModels(policy, ref, value, reward, shared, policy_path, reward_path, value_path)
+    return PPOModels(policy, ref, value, reward, shared, policy_path, reward_path, value_path, stats)
 
 
 def reference_context(models: PPOModels, policy):
