@@ -162,10 +162,9 @@ def start_session(cfg: RunConfig, run_dir: Path) -> Session:
         write_stage_config(run_dir, "ppo", cfg)
     models = load_models(cfg, run_dir, inputs.tokenizer.pad_token_id)
     stats = models.reward_stats
-    if inputs.reward_fn is None and p.reward_normalize:
-        if stats is None:
-            print(f"ppo: warning: {models.reward_path}/reward_stats.json is missing; RM scores are not normalised",
-                  file=sys.stderr)
+    if inputs.reward_fn is None and p.reward_normalize and stats is None:
+        print(f"ppo: warning: {models.reward_path}/reward_stats.json is missing; RM scores are not normalised",
+              file=sys.stderr)
     for frozen in (models.ref, models.reward):
         if frozen is not None:
             frozen.to(accelerator.device)

@@ -62,6 +62,12 @@ def packed_scores(model, input_ids, position_ids, ends) -> torch.Tensor:
     return per_token[-1].flatten(0, 1)[ends, 0].float()
 
 
+def normalised(scores: torch.Tensor, stats: dict | None) -> torch.Tensor:
+    """RM scores on the normalised scale (scores - mean) / std of `stats`, or unchanged for None. PPO's
+    rewards and a value that starts from the RM both go through here, so their scales agree."""
+    return scores if stats is None else (scores - stats["mean"]) / stats["std"]
+
+
 class ValueModel(torch.nn.Module):
     """V(s_t) for every response position: a sequence classifier's backbone, with its one-output
     score head applied to each hidden state (InstructGPT initialises it from the RM).
@@ -78,7 +84,7 @@ class ValueModel(torch.nn.Module):
         self.backbone = getattr(base, base.base_model_prefix)   # e.g. LlamaForSequenceClassification.model
         self.head = base.score                                   # a ModulesToSaveWrapper under LoRA
         object.__setattr__(self, "seq_cls", seq_cls)            # kept for disable_adapter, not a submodule
-        self.shift, self.scale = (normalise["mean"], normalise["std"]) if normalise else (0.0, 1.0)
+        self.normalise = normalise
 
     def hidden(self, input_ids, attention_mask, position_ids):
         return self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -87,7 +93,7 @@ class ValueModel(torch.nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, response_len: int):
         """-> (B, R) values of the states before each response token (the positions predicting it)."""
         h = self.hidden(input_ids, attention_mask, position_ids)[:, -response_len - 1:-1]
-        return (self.head(h).squeeze(-1).float() - self.shift) / self.scale
+        return normalised(self.head(h).squeeze(-1).float(), self.normalise)
 
 
 def last_token_scores(model: ValueModel | torch.nn.Module, input_ids, attention_mask, position_ids) -> torch.Tensor:

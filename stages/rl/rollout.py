@@ -13,6 +13,7 @@ from stages.core.errors import StageError
 from stages.core.runtime import training_attention
 from stages.modeling.chat_format import render_prompts
 from stages.modeling.generation import generate
+from stages.modeling.reward_scoring import normalised
 from stages.modeling.tensors import entropy_from_logits, logprobs_from_logits, through_first
 from stages.rl.ppo_math import masked_mean
 from stages.rl.ppo_models import PPOModels, policy_logits, reference_context, reward_model_scores
@@ -119,9 +120,7 @@ def shape_scores(raw: torch.Tensor, stats: dict | None, clip: float | None, miss
                  has_eos: torch.Tensor) -> torch.Tensor:
     """(B,) raw rewards -> the sequence score PPO optimises: normalised with the RM's saved
     statistics, clipped to ±clip, then minus the penalty for a response that never ended."""
-    scores = raw.float()
-    if stats is not None:
-        scores = (scores - stats["mean"]) / stats["std"]
+    scores = normalised(raw.float(), stats)
     if clip is not None:
         scores = scores.clamp(-clip, clip)
     if missing_eos_penalty:
