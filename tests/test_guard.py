@@ -133,3 +133,29 @@ def test_rollback_twice_to_one_snapshot_restores_the_same_state():
         assert not guard.check(step, loss=float("nan"))          # judged a spike: roll back to step 1
         assert torch.equal(model.weight.detach(), want_w)
         assert torch.equal(opt.state[model.weight]["exp_avg"], want_m)
+
+
+def test_a_spike_in_the_sft_stage_is_logged_and_training_goes_on(tmp_path, tiny_model_dir):
+    """Through the real entry point: a guard this strict (any loss above the running median is a
+    spike) rolls back several times, each event lands in metrics.jsonl and the summary, and the stage
+    still finishes. Until 2026-12-01 the first spike crashed SFT and RM with a TypeError: the event's
+    own "step" key collided with the logger's step argument."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "configs/tiny.yaml", "--stages", "sft",
+                           f"runs_root={tmp_path}", "sft.batch_size=2", "sft.max_steps=16", "sft.lr=3e-2",
+                           "guard.min_history=2", "guard.spike_factor=1.0001", "guard.max_events=30",
+                           "guard.snapshot_every=2"], cwd=repo, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    sft = tmp_path / "tiny" / "sft"
+    events = json.loads((sft / "summary.json").read_text())["spike_events"]
+    logged = [json.loads(x) for x in (sft / "metrics.jsonl").read_text().splitlines() if '"spike"' in x]
+    assert events and len(logged) == len(events)
+    assert [r["step"] for r in logged] == [e["step"] for e in events]
+    assert all(e["restored_step"] < e["step"] for e in events)

@@ -132,8 +132,8 @@ class SpikeGuard:
         event = {"event": "spike", "step": step, "reason": reason, "restored_step": restored_step,
                  "skip_batches": self.cfg.skip_batches}
         self.events.append(event)
-        if self.logger is not None:
-            self.logger.log(step, **event)
+        if self.logger is not None:  # the step is the row's own key, not a field of it
+            self.logger.log(step, **{k: v for k, v in event.items() if k != "step"})
 
     def after_step(self, step: int) -> None:
         self._good_since_rollback += 1
