@@ -9,9 +9,10 @@ files with num_processes set to 1, so the files a cluster user launches are the 
 
     single  configs/accelerate/single_gpu.yaml
     ddp     configs/accelerate/ddp_8gpu.yaml
-    fsdp2   bench/accelerate_pending/fsdp_8gpu.yaml   (not supported yet: rlhf rejects it at pre-flight,
-    zero2   bench/accelerate_pending/zero2_8gpu.yaml   so these rows show that one-line error unless
-    zero3   bench/accelerate_pending/zero3_8gpu.yaml   RLHF_ALLOW_PENDING_BACKENDS=1, which lets them run)
+    fsdp2   configs/accelerate/fsdp_8gpu.yaml         (run on 2 CPU processes; not yet on a GPU)
+    zero2   bench/accelerate_pending/zero2_8gpu.yaml   (not supported yet: rlhf rejects it at pre-flight,
+    zero3   bench/accelerate_pending/zero3_8gpu.yaml   so these rows show that one-line error unless
+                                                       RLHF_ALLOW_PENDING_BACKENDS=1, which lets them run)
 
 Models: `tiny` (tiny-random-llama, from the model cache) and `smollm2-arch`: SmolLM2-135M-Instruct's
 architecture and tokenizer with seeded random weights, built from --smollm2-dir (a folder with its
@@ -38,7 +39,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 PENDING = Path("bench") / "accelerate_pending"  # backends the stages do not support yet (rejected at pre-flight)
 BACKENDS = {"single": Path("configs/accelerate/single_gpu.yaml"), "ddp": Path("configs/accelerate/ddp_8gpu.yaml"),
-            "fsdp2": PENDING / "fsdp_8gpu.yaml", "zero2": PENDING / "zero2_8gpu.yaml", "zero3": PENDING / "zero3_8gpu.yaml"}
+            "fsdp2": Path("configs/accelerate/fsdp_8gpu.yaml"), "zero2": PENDING / "zero2_8gpu.yaml", "zero3": PENDING / "zero3_8gpu.yaml"}
 STAGES = ("sft", "reward", "ppo")
 # Short runs: every stage trains, checkpoints and exports; PPO does 2 iterations of 8 rollouts.
 OVERRIDES = ["precision=bf16", "sft.max_steps=4", "sft.save_steps=2", "reward.max_steps=4", "reward.save_steps=2",

@@ -122,7 +122,8 @@ def preflight(cfg, selected: list[str], launch) -> None:
             print(f"  mem   {est.stage:<6} ~{gib:.1f} GiB per device ({est.trainable / 1e6:.1f}M trainable; {est.detail})")
             if est.bytes_per_device > avail:
                 print(f"  WARNING: {est.stage} needs ~{gib:.1f} GiB per device but only {avail / 1024**3:.1f} GiB "
-                      f"{kind} is free: enable LoRA or lower batch sizes (FSDP / ZeRO-3 sharding is not supported yet)", file=sys.stderr)
+                      f"{kind} is free: lower batch sizes, shard with FSDP2 (configs/accelerate/fsdp_8gpu.yaml) or "
+                      "enable LoRA", file=sys.stderr)
     except (OSError, ValueError) as e:  # an estimate must never block a run
         print(f"  mem   (no estimate: {str(e).splitlines()[0]})")
 

@@ -33,10 +33,11 @@ from stages.core.errors import StageError
 from stages.core.metrics_log import MetricsLogger, close_stage, read_metrics, restart_logs
 from stages.core.run_folder import resolve_input_model, stage_dir, write_stage_config
 from stages.core.runtime import generation_logprobs_exact, make_accelerator, rank_sum, resolved, runtime_info
+from stages.core.sharding import backend_name, copy_full_into, gathered_for_generation, refuse_unsupported
 from stages.modeling.trainable import trainable_params
+from stages.rl.monitor import Monitor, load_judges
 from stages.rl.ppo_math import gae, kl_penalized_rewards, make_kl_controller, masked_whiten
 from stages.rl.ppo_models import PPOModels, Trainees, export_policy, load_models
-from stages.rl.monitor import Monitor, load_judges
 from stages.rl.ppo_update import ppo_update
 from stages.rl.rollout import Rollout, prepare_prompts, sample_rollouts, score_rollouts
 from stages.training import checkpoint as ckpt
@@ -121,10 +122,9 @@ class Session:
         return stage_dir(self.run_dir, "ppo") / "checkpoints"
 
 
-def _resume(cfg: RunConfig, out_dir: Path, models: PPOModels, opts: dict, kl_ctl, ema: dict | None,
-            accelerator) -> tuple[int, int, int | None, dict | None]:
+def _resume(cfg: RunConfig, out_dir: Path, t: Trainees, kl_ctl, accelerator) -> tuple[int, int, int | None, dict | None]:
     """(start iteration, optimizer step, resumed_from, monitor state) from the last checkpoint, or a fresh start.
-    Runs before accelerate.prepare: weights load into the models as loaded."""
+    Runs after accelerate.prepare: whole tensors load into each rank's shards under FSDP."""
     from safetensors.torch import load_file
 
     fingerprint = ckpt.config_fingerprint(cfg, "ppo", ckpt.PPO)
@@ -135,13 +135,14 @@ def _resume(cfg: RunConfig, out_dir: Path, models: PPOModels, opts: dict, kl_ctl
         return 0, 0, None, None
     last, path = found
     with ckpt.reading_checkpoint(path):
-        state = ckpt.load_checkpoint(path, ckpt.PPO, weights={"policy": models.policy, "value": models.value},
-                                     states={"optimizer": opts}, rank=accelerator.process_index)
-        if ema is not None:
+        state = ckpt.load_checkpoint(path, ckpt.PPO, weights={"policy": t.policy_u, "value": t.value_u},
+                                     states={"optimizer": {"policy": t.policy_opt, "value": t.value_opt}},
+                                     rank=accelerator.process_index)
+        if t.ema is not None:
             if not (path / "ema.safetensors").exists():
                 raise StageError(f"checkpoint {path} has no EMA weights but ppo.ema_decay is set; delete it to start over")
-            for n, t in load_file(str(path / "ema.safetensors")).items():
-                ema[n].copy_(t)
+            for n, w in load_file(str(path / "ema.safetensors")).items():
+                copy_full_into(t.ema[n], w)
     kl_ctl.load_state_dict(state["kl_ctl"])
     if accelerator.is_main_process:
         restart_logs(out_dir, LOGS, last)
@@ -155,6 +156,10 @@ def start_session(cfg: RunConfig, run_dir: Path) -> Session:
 
     p, out_dir = cfg.ppo, stage_dir(run_dir, "ppo")
     accelerator = make_accelerator(cfg)
+    refuse_unsupported(accelerator, lora=p.lora.enabled or p.value_lora.enabled, what="ppo:")
+    if p.monitor.every and backend_name(accelerator).startswith("fsdp"):
+        raise StageError("ppo: the over-optimisation monitor (ppo.monitor.every) is not supported under FSDP yet; "
+                         "set ppo.monitor.every=0 or use DDP")
     set_seed(cfg.seed, device_specific=True)  # ranks sample different responses
     inputs = load_inputs(cfg, run_dir)
     if accelerator.is_main_process:
@@ -171,16 +176,14 @@ def start_session(cfg: RunConfig, run_dir: Path) -> Session:
     opts = {"policy": adamw(trainable_params(models.policy).values(), p.lr),
             "value": adamw(trainable_params(models.value).values(), p.value_lr or p.lr)}
     kl_ctl = make_kl_controller(p.kl_coef, p.adaptive_kl, p.kl_target, p.kl_horizon)
-    ema = ({n: t.detach().clone().float() for n, t in trainable_params(models.policy).items()}
-           if p.ema_decay else None)
-    start, opt_step, resumed_from, monitor_state = _resume(cfg, out_dir, models, opts, kl_ctl, ema, accelerator)
-
-    policy, value, policy_opt, value_opt = accelerator.prepare(models.policy, models.value, opts["policy"],
-                                                               opts["value"])
-    if ema is not None:  # made (and maybe restored) before prepare() moved the policy
-        ema = {n: t.to(accelerator.device) for n, t in ema.items()}
-    t = Trainees(policy=policy, value=value, policy_u=accelerator.unwrap_model(policy),
-                 value_u=accelerator.unwrap_model(value), policy_opt=policy_opt, value_opt=value_opt, ema=ema)
+    # One model per prepare(): what FSDP2 and DeepSpeed accept (and DDP does not mind).
+    policy, policy_opt = accelerator.prepare(models.policy, opts["policy"])
+    value, value_opt = accelerator.prepare(models.value, opts["value"])
+    policy_u = accelerator.unwrap_model(policy)
+    ema = ({n: w.detach().clone().float() for n, w in trainable_params(policy_u).items()} if p.ema_decay else None)
+    t = Trainees(policy=policy, value=value, policy_u=policy_u, value_u=accelerator.unwrap_model(value),
+                 policy_opt=policy_opt, value_opt=value_opt, ema=ema)
+    start, opt_step, resumed_from, monitor_state = _resume(cfg, out_dir, t, kl_ctl, accelerator)
     logger = MetricsLogger(run_dir, "ppo", enabled=accelerator.is_main_process)
     guard_log = _IterationLog(logger)
     guard = SpikeGuard(cfg.guard, {}, guard_log, restore=lambda: rollback(s))
@@ -294,8 +297,9 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
         t0 = time.time()
 
         # ---- 1. rollout ----
-        batch = sample_rollouts(acc, s.t.policy_u, tok, s.inputs.texts, p, seed=cfg.seed, iteration=it,
-                                with_logprobs=logprobs_from_generation)
+        with gathered_for_generation(s.t.policy_u):  # FSDP2: one all-gather per rollout, not per token
+            batch = sample_rollouts(acc, s.t.policy_u, tok, s.inputs.texts, p, seed=cfg.seed, iteration=it,
+                                    with_logprobs=logprobs_from_generation)
         t1 = time.time()
 
         # ---- 2. score ----
@@ -334,16 +338,14 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     s.guard.finish()
 
     # ---- export ----
-    if acc.is_main_process:
-        export_policy(s.t.policy_u, tok, stage_dir(run_dir, "ppo") / "model", s.t.ema)
-    acc.wait_for_everyone()
+    export_policy(acc, s.t.policy_u, tok, stage_dir(run_dir, "ppo") / "model", s.t.ema)
     last = ([r for r in read_metrics(run_dir, "ppo") if "score_raw_mean" in r] or [{}])[-1]
     summary = {"reward_mean": last.get("score_raw_mean"), "score_mean": last.get("score_mean"),
                "kl": last.get("kl"), "kl_coef": s.kl_ctl.value, "iterations": p.iterations,
                "resumed_from": s.resumed_from, "spike_events": s.guard.events, "world_size": acc.num_processes,
                **({"best_iteration": s.monitor.best_iteration, "best_judge_score": s.monitor.best_score}
                   if s.monitor is not None and s.monitor.judges else {}),
-               "wall_s": round(time.time() - t_start, 2), **runtime_info(cfg.precision)}
+               "wall_s": round(time.time() - t_start, 2), **runtime_info(cfg.precision, acc)}
     return close_stage(run_dir, "ppo", summary, s.logger, acc.is_main_process)
 
 

@@ -29,6 +29,7 @@ from stages.core.errors import StageError
 from stages.core.metrics_log import MetricsLogger, close_stage
 from stages.core.run_folder import resolve_input_model, stage_dir, write_stage_config
 from stages.core.runtime import make_accelerator, resolved
+from stages.core.sharding import refuse_unsupported
 from stages.modeling.chat_format import render_prompts
 from stages.modeling.reward_scoring import packed_scores, padded_scores, reply_rows
 from stages.modeling.tensors import pad_rows
@@ -151,6 +152,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     out_dir = stage_dir(run_dir, "reward")
     init = resolve_input_model(run_dir, rc.init_from, needed_by="reward") if rc.init_from else cfg.model
     accelerator = make_accelerator(cfg)
+    refuse_unsupported(accelerator, lora=rc.lora.enabled, what="reward:")
     set_seed(cfg.seed)
     records = load_preferences(rc.data)  # bad data fails here, before any model loads
     eval_records = load_preferences(rc.eval_data) if rc.eval_data is not None else None

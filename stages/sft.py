@@ -21,6 +21,7 @@ from stages.core.errors import StageError
 from stages.core.metrics_log import MetricsLogger, close_stage
 from stages.core.run_folder import stage_dir, write_stage_config
 from stages.core.runtime import make_accelerator, resolved
+from stages.core.sharding import refuse_unsupported
 from stages.modeling.chat_format import IGNORE, tokenize_demonstration
 from stages.modeling.tensors import pad_rows
 from stages.modeling.trainable import apply_lora
@@ -90,6 +91,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     run_dir, sc, t_start = Path(run_dir), cfg.sft, time.time()
     out_dir = stage_dir(run_dir, "sft")
     accelerator = make_accelerator(cfg)
+    refuse_unsupported(accelerator, lora=sc.lora.enabled, what="sft:")
     set_seed(cfg.seed)
     demos = load_demonstrations(sc.data)  # bad data fails here, before any model loads
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)

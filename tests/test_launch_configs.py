@@ -66,9 +66,9 @@ def test_no_run_config_points_at_a_backend_the_stages_reject():
 
 
 @pytest.mark.parametrize("path", PENDING, ids=lambda p: p.name)
-def test_fsdp_and_deepspeed_are_refused_at_preflight_in_one_line(path, tmp_path, tiny_model_dir, monkeypatch):
-    """Pending backends stop `rlhf run` before any stage starts, with one line naming the file and the
-    backend, never a crash mid-run."""
+def test_deepspeed_is_refused_at_preflight_in_one_line(path, tmp_path, tiny_model_dir, monkeypatch):
+    """Pending backends (DeepSpeed) stop `rlhf run` before any stage starts, with one line naming the
+    file and the backend, never a crash mid-run."""
     import os
     import subprocess
     import sys
@@ -83,3 +83,32 @@ def test_fsdp_and_deepspeed_are_refused_at_preflight_in_one_line(path, tmp_path,
     backend = yaml.safe_load(path.read_text())["distributed_type"]
     assert str(path) in err[0] and f"distributed_type {backend} is not supported" in err[0]
     assert not any((tmp_path / "tiny").glob("*/model")), "a stage ran"
+
+
+FSDP2_CPU = "configs/accelerate/cpu_fsdp2.yaml"
+
+
+@pytest.mark.parametrize("edit, overrides, expected", [
+    ({"fsdp_version": 1}, [], "set fsdp_config.fsdp_version: 2"),
+    ({"fsdp_cpu_ram_efficient_loading": True}, [], "fsdp_cpu_ram_efficient_loading: true loads weights on rank 0"),
+    ({}, ["sft.lora.enabled=true"], "config error: sft.lora.enabled: LoRA is not supported under FSDP yet"),
+    ({}, ["ppo.value_lora.enabled=true"], "config error: ppo.value_lora.enabled: LoRA is not supported under FSDP"),
+    ({}, ["ppo.monitor.every=1", "ppo.monitor.judges=[reward]"], "config error: ppo.monitor.every: the over-optimisation"),
+], ids=["fsdp1", "ram-efficient-loading", "sft-lora", "value-lora", "monitor"])
+def test_what_fsdp_does_not_run_yet_is_refused_at_preflight(edit, overrides, expected, tmp_path):
+    """FSDP2 runs full fine-tuning (tests/test_multiprocess.py); what the stages do not run sharded
+    fails before anything is launched, in one line."""
+    import os
+    import subprocess
+    import sys
+
+    acc = yaml.safe_load((REPO / FSDP2_CPU).read_text())
+    acc["fsdp_config"].update(edit)
+    (tmp_path / "acc.yaml").write_text(yaml.safe_dump(acc))
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "configs/tiny.yaml", f"runs_root={tmp_path}",
+                           f"launch.accelerate_config={tmp_path / 'acc.yaml'}", *overrides], cwd=REPO,
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    err = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and expected in err[0], proc.stderr
+    assert not (tmp_path / "tiny" / "sft").exists(), "a stage ran"

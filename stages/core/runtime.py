@@ -145,9 +145,14 @@ def make_accelerator(cfg):
         # global state and refuses to change it. The process group (PartialState) is kept.
         AcceleratorState._reset_state(reset_partial_state=False)
     try:
-        return Accelerator(mixed_precision=mixed, cpu=cpu_ddp)
+        accelerator = Accelerator(mixed_precision=mixed, cpu=cpu_ddp)
     except ValueError as e:
         raise StageError(f"precision {cfg.precision!r} is not usable here: {str(e).splitlines()[0]}") from None
+    if cpu_ddp:
+        from stages.core.sharding import enable_cpu_fsdp
+
+        enable_cpu_fsdp(accelerator)  # an FSDP config on CPU processes shards, as it would on GPUs
+    return accelerator
 
 
 # ---- threads ----
@@ -178,12 +183,18 @@ def intra_op_threads(processes_on_node: int) -> int:
     return max(1, available_cores() // max(1, processes_on_node))
 
 
-def runtime_info(precision: str) -> dict:
-    """What a stage ran with, for its summary (and so the manifest)."""
+def runtime_info(precision: str, accelerator=None) -> dict:
+    """What a stage ran with, for its summary (and so the manifest); with the accelerator, also the
+    distributed backend ('single', 'ddp', 'fsdp2', ...)."""
     import torch
 
-    return {"precision": resolve_precision(precision), "threads": torch.get_num_threads(),
+    info = {"precision": resolve_precision(precision), "threads": torch.get_num_threads(),
             "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    if accelerator is not None:
+        from stages.core.sharding import backend_name
+
+        info["backend"] = backend_name(accelerator)
+    return info
 
 
 # ---- memory ----

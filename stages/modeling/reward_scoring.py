@@ -86,6 +86,11 @@ class ValueModel(torch.nn.Module):
         object.__setattr__(self, "seq_cls", seq_cls)            # kept for disable_adapter, not a submodule
         self.normalise = normalise
 
+    @property
+    def _no_split_modules(self):
+        """The blocks FSDP's transformer auto-wrap shards one by one: the backbone's own."""
+        return getattr(peft_base(self.seq_cls), "_no_split_modules", None)
+
     def hidden(self, input_ids, attention_mask, position_ids):
         return self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              use_cache=False).last_hidden_state

@@ -24,6 +24,13 @@ import torch
 from data_schemas.files import atomic_replace_dir, atomic_write_json, staging_dir
 from stages.core.config_schema import RunConfig, config_hash
 from stages.core.errors import StageError
+from stages.core.sharding import (
+    copy_full_into,
+    full_tensors,
+    is_dtensor,
+    load_optimizer_state_full,
+    optimizer_state_full,
+)
 from stages.modeling.trainable import trainable_params
 
 KEEP_CHECKPOINTS = 2
@@ -113,15 +120,23 @@ def set_rng_state(state: dict) -> None:
 
 # ---- save, load ----
 
-def _tensors(source) -> dict[str, torch.Tensor]:
+def _named(source) -> dict[str, torch.Tensor]:
     """A module's trainable parameters, or a plain dict of tensors (EMA weights)."""
-    tensors = trainable_params(source) if isinstance(source, torch.nn.Module) else source
-    return {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
+    return trainable_params(source) if isinstance(source, torch.nn.Module) else source
 
 
 def _state_dict(obj):
-    """An optimizer's or scheduler's state, or a dict of them."""
-    return {k: o.state_dict() for k, o in obj.items()} if isinstance(obj, dict) else obj.state_dict()
+    """An optimizer's (whole, if sharded) or scheduler's state, or a dict of them."""
+    if isinstance(obj, dict):
+        return {k: _state_dict(o) for k, o in obj.items()}
+    return optimizer_state_full(obj) if hasattr(obj, "param_groups") else obj.state_dict()
+
+
+def _load_state_dict(obj, saved) -> None:
+    if hasattr(obj, "param_groups"):
+        load_optimizer_state_full(obj, saved)
+    else:
+        obj.load_state_dict(saved)
 
 
 def save_checkpoint(accelerator, root: Path, number: int, layout: Layout, *, weights: dict, states: dict,
@@ -132,15 +147,20 @@ def save_checkpoint(accelerator, root: Path, number: int, layout: Layout, *, wei
     from accelerate.utils import gather_object
 
     rngs = gather_object([rng_state()])
+    # Sharded (FSDP2) weights are gathered whole, which every rank takes part in; otherwise rank 0 alone reads them.
+    sharded = any(is_dtensor(t) for source in weights.values() for t in _named(source).values())
+    if sharded or accelerator.is_main_process:
+        tensors = {name: full_tensors(_named(source)) for name, source in weights.items()}
+        saved_states = {name: _state_dict(obj) for name, obj in states.items()}
     if accelerator.is_main_process:
         from safetensors.torch import save_file
 
         final = root / f"{layout.prefix}{number}"
         tmp = staging_dir(final)
-        for name, source in weights.items():
-            save_file(_tensors(source), str(tmp / f"{name}.safetensors"))
-        for name, obj in states.items():
-            torch.save(_state_dict(obj), tmp / f"{name}.pt")
+        for name, t in tensors.items():
+            save_file(t, str(tmp / f"{name}.safetensors"))
+        for name, state_dict in saved_states.items():
+            torch.save(state_dict, tmp / f"{name}.pt")
         torch.save({"ranks": rngs}, tmp / "rng.pt")
         atomic_write_json(tmp / layout.state_file, state)
         atomic_replace_dir(tmp, final)
@@ -157,9 +177,8 @@ def load_trainable(module, tensors: dict[str, torch.Tensor], path: Path) -> None
         which = f"missing parameter {missing[0]}" if missing else f"unknown parameter {unknown[0]}"
         raise StageError(f"checkpoint {path} does not match the model ({which}); "
                          f"delete {path.parent} to start over")
-    with torch.no_grad():
-        for n, p in own.items():
-            p.copy_(tensors[n].to(p.device, p.dtype))
+    for n, p in own.items():
+        copy_full_into(p, tensors[n])
 
 
 def load_checkpoint(path: Path, layout: Layout, *, weights: dict, states: dict, rank: int | None) -> dict:
@@ -173,7 +192,7 @@ def load_checkpoint(path: Path, layout: Layout, *, weights: dict, states: dict, 
     for name, obj in states.items():
         saved = torch.load(path / f"{name}.pt", weights_only=True, map_location="cpu")
         for k, o in (obj.items() if isinstance(obj, dict) else [(None, obj)]):
-            o.load_state_dict(saved if k is None else saved[k])
+            _load_state_dict(o, saved if k is None else saved[k])
     if rank is not None:
         ranks = torch.load(path / "rng.pt", weights_only=True)["ranks"]
         if rank < len(ranks):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from stages.core.sharding import full_model_state
 from stages.modeling.loading import save_model_folder
 
 
@@ -21,7 +22,7 @@ def export_trained(accelerator, model, tokenizer, out_dir: Path, *, lora: bool, 
 def _save_full(accelerator, model, tokenizer, out_dir: Path, extra_files: dict | None = None) -> None:
     """The full model, gathered from FSDP/ZeRO-3 shards, written by rank 0."""
     raw = accelerator.unwrap_model(model)
-    state_dict = accelerator.get_state_dict(model)  # every rank takes part in the gather
+    state_dict = full_model_state(accelerator, model)  # every rank takes part in the gather
     if accelerator.is_main_process:
         save_model_folder(raw, tokenizer, out_dir, state_dict, extra_files)
     accelerator.wait_for_everyone()

@@ -22,6 +22,7 @@ from stages.core.config_schema import RunConfig, TrainLoop
 from stages.core.metrics_log import restart_logs
 from stages.core.run_folder import stage_dir
 from stages.core.runtime import HeapTrim, rank_sum, runtime_info, training_attention
+from stages.core.sharding import backend_name
 from stages.training import checkpoint as ckpt
 from stages.training.data_order import micro_batch_indices, total_steps
 from stages.training.guard import SpikeGuard
@@ -189,7 +190,8 @@ def fit(*, accelerator, model, cfg: RunConfig, stage: str, run_dir: Path, n_trai
     per_rank = accelerator.gather(torch.tensor([rank_items], device=accelerator.device)).tolist()
     results = {"train_loss": sum(recent) / len(recent) if recent else None, "steps": step,
                "resumed_from": resumed_from, "train_wall_s": round(wall, 2), **eval_metrics,
-               "world_size": world, "items_per_rank": per_rank, "spike_events": guard.events}
+               "world_size": world, "items_per_rank": per_rank, "spike_events": guard.events,
+               "backend": backend_name(accelerator)}
     return model, results
 
 
@@ -198,4 +200,4 @@ def run_facts(results: dict, t_start: float, precision: str) -> dict:
     and what the stage ran with."""
     return {"wall_s": round(time.time() - t_start, 2), "world_size": results["world_size"],
             "items_per_rank": results["items_per_rank"], "spike_events": results["spike_events"],
-            **runtime_info(precision)}
+            **runtime_info(precision), "backend": results["backend"]}
