@@ -61,6 +61,9 @@ def test_sft_reward_and_ppo_on_two_cpu_ranks(tmp_path, tiny_model_dir, backend):
     # 2 iterations, one metrics row each
     rows = [json.loads(x) for x in (run / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "kl" in r] == [1, 2]
+    # Before the first update policy and reference are the same weights: KL 0 under the run's precision
+    # (bf16 where the CPU has it). Under FSDP2 that holds because mixed precision stays autocast.
+    assert abs(next(r for r in rows if "kl" in r)["kl"]) < 1e-6
     # Two more iterations resume from iteration 2's checkpoint (weights and Adam states, sliced back
     # into each rank's shard under FSDP2) and keep training: the stage launched as the orchestrator
     # launches it, with `ppo.iterations` (a field a resume may change) raised.

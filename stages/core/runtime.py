@@ -148,10 +148,11 @@ def make_accelerator(cfg):
         accelerator = Accelerator(mixed_precision=mixed, cpu=cpu_ddp)
     except ValueError as e:
         raise StageError(f"precision {cfg.precision!r} is not usable here: {str(e).splitlines()[0]}") from None
-    if cpu_ddp:
-        from stages.core.sharding import enable_cpu_fsdp
+    from stages.core.sharding import autocast_only, enable_cpu_fsdp
 
+    if cpu_ddp:
         enable_cpu_fsdp(accelerator)  # an FSDP config on CPU processes shards, as it would on GPUs
+    autocast_only(accelerator)
     return accelerator
 
 

@@ -43,11 +43,22 @@ def enable_cpu_fsdp(accelerator) -> None:
                          f"this one has fsdp_version: {plugin.fsdp_version}")
     from accelerate.state import PartialState
 
-    if accelerator.mixed_precision != "no":  # as AcceleratorState does for FSDP on GPUs
-        plugin.set_mixed_precision(accelerator.mixed_precision)
     accelerator.state.fsdp_plugin = plugin
     # Both singletons: every later AcceleratorState() copies PartialState's fields over its own.
     accelerator.state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
+
+
+def autocast_only(accelerator) -> None:
+    """Under FSDP, mixed precision is the stages' own autocast, as under DDP: parameters stay fp32
+    when gathered, matmuls run in bf16 under autocast, and frozen models are laid out to match
+    (`runtime.autocast_layout`). accelerate would otherwise give FSDP2 a MixedPrecisionPolicy that
+    computes with every weight in bf16, norms and embeddings included, and the policy would no longer
+    compute what its frozen reference computes: the first PPO iteration's KL was 3.6e-4 nats instead
+    of 0 (tiny model, bf16, 2 CPU ranks). The cost is fp32 all-gathers (2x the bytes of bf16)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        accelerator.state.fsdp_plugin.mixed_precision_policy = None
 
 
 def backend_name(accelerator) -> str:
