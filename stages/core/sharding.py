@@ -4,7 +4,7 @@ full tensors back into shards, gathering the weights once for generation, and FS
 Under FSDP2 every parameter (and every optimizer state of the same shape) is a DTensor: each rank
 holds a slice. A checkpoint or export needs the full tensor, which every rank must take part in
 gathering; a resume needs each rank's slice of a full tensor read from disk. Checkpoints keep the
-same format whatever the backend, so a run started under DDP can resume under FSDP2 and back.
+same format whatever the backend.
 
 FSDP2 on CPU: accelerate forms FSDP only on accelerators; on a CPU machine it silently runs an
 FSDP config as plain data parallel (`AcceleratorState` keeps `MULTI_CPU`). torch's `fully_shard`
