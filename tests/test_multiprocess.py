@@ -151,3 +151,19 @@ def test_two_ranks_take_the_ppo_update_one_rank_takes_on_the_same_rollouts(tmp_p
         assert two[key] == pytest.approx(one[key], rel=1e-3, abs=1e-5), key
     diffs = torch.cat([(w2[k].float() - w1[k].float()).abs().flatten() for k in w1])
     assert diffs.max() < 1e-4 and int((diffs > 1e-6).sum()) <= 10, (diffs.max(), int((diffs > 1e-6).sum()))
+
+
+def test_generation_with_the_weights_gathered_once_gives_the_tokens_of_per_step_gathering(tiny_model_dir):
+    """bench/bench_fsdp_generate.py on 2 FSDP2 ranks: greedy generation inside PPO's
+    `gathered_for_generation` (one all-gather per rollout) must produce exactly the tokens that plain
+    generation on the sharded model produces (all-gathers every step); the bench asserts it. Its
+    timings are a benchmark, not checked here (bench/RESULTS.md)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           "configs/accelerate/cpu_fsdp2.yaml", "--main_process_port", "29537",
+                           "--num_cpu_threads_per_process", "1", "-m", "bench.bench_fsdp_generate",
+                           "--model", "tiny-random-llama", "--repeats", "1", "--new-tokens", "8"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (row["backend"], row["world_size"]) == ("fsdp2", 2)
