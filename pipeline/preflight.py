@@ -205,9 +205,9 @@ PENDING_BACKENDS = {
 }
 
 
-def _check_accelerate_config(path: str) -> dict:
+def _check_accelerate_config(path: str) -> str:
     """The file exists and accelerate can read it (the launcher's own reader, not a guess at its schema),
-    and its backend is one the stages run. Returns {"backend": ..., "fsdp": fsdp_config or None}."""
+    and its backend is one the stages run. Returns the backend (accelerate's distributed_type)."""
     import contextlib
     import io
 
@@ -227,31 +227,14 @@ def _check_accelerate_config(path: str) -> dict:
     if backend in PENDING_BACKENDS and os.environ.get("RLHF_ALLOW_PENDING_BACKENDS") != "1":
         raise ConfigError(f"{where} distributed_type {backend} is not supported by the stages yet "
                           f"({PENDING_BACKENDS[backend]}); use DDP or FSDP2, e.g. configs/accelerate/ddp_8gpu.yaml")
-    fsdp = (acc.fsdp_config or {}) if backend == "FSDP" else None
-    if fsdp is not None:
+    if backend == "FSDP":
+        fsdp = acc.fsdp_config or {}
         if int(fsdp.get("fsdp_version", 1)) != 2:
             raise ConfigError(f"{where} the stages run FSDP2 only (torch's fully_shard); set fsdp_config.fsdp_version: 2")
         if str(fsdp.get("fsdp_cpu_ram_efficient_loading", False)).lower() == "true":
             raise ConfigError(f"{where} fsdp_cpu_ram_efficient_loading: true loads weights on rank 0 only, but PPO's "
                               "frozen reference and reward model are loaded whole on every rank; set it to false")
-    return {"backend": backend, "fsdp": fsdp}
-
-
-def _check_backend_support(cfg, selected: list[str], backend: str) -> None:
-    """What a backend cannot run yet fails here, in one line, not mid-run."""
-    from pipeline.config import ConfigError
-
-    if backend != "FSDP":
-        return
-    lora = [f"{s}.lora" for s in ("sft", "reward") if s in selected and getattr(cfg, s).lora.enabled]
-    if "ppo" in selected:
-        lora += [f"ppo.{k}" for k in ("lora", "value_lora") if getattr(cfg.ppo, k).enabled]
-        if cfg.ppo.monitor.every:
-            raise ConfigError("config error: ppo.monitor.every: the over-optimisation monitor is not supported under "
-                              "FSDP yet; set ppo.monitor.every=0 or use DDP")
-    if lora:
-        raise ConfigError(f"config error: {lora[0]}.enabled: LoRA is not supported under FSDP yet; "
-                          "train the full model or use DDP")
+    return backend
 
 
 def check_references(cfg, selected: list[str]) -> list[str]:
@@ -264,8 +247,13 @@ def check_references(cfg, selected: list[str]) -> list[str]:
 
     lines = []
     if cfg.launch.accelerate_config:
-        acc = _check_accelerate_config(cfg.launch.accelerate_config)
-        _check_backend_support(cfg, selected, acc["backend"])
+        if _check_accelerate_config(cfg.launch.accelerate_config) == "FSDP":
+            from pipeline.config import ConfigError
+            from stages.core.sharding import fsdp_unsupported
+
+            why = fsdp_unsupported(cfg, selected)
+            if why:
+                raise ConfigError(f"config error: {why}")
         lines.append(f"launch.accelerate_config: {cfg.launch.accelerate_config}")
 
     def model(ref: str | None, what: str, allowed_stages=STAGES) -> None:

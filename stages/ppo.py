@@ -37,10 +37,11 @@ from stages.core.sharding import backend_name, copy_full_into, gathered_for_gene
 from stages.modeling.trainable import trainable_params
 from stages.rl.monitor import Monitor, load_judges
 from stages.rl.ppo_math import gae, kl_penalized_rewards, make_kl_controller, masked_whiten
-from stages.rl.ppo_models import PPOModels, Trainees, export_policy, load_models
+from stages.rl.ppo_models import PPOModels, Trainees, apply_ema, load_models
 from stages.rl.ppo_update import ppo_update
 from stages.rl.rollout import Rollout, prepare_prompts, sample_rollouts, score_rollouts
 from stages.training import checkpoint as ckpt
+from stages.training.export import export_trained
 from stages.training.guard import SpikeGuard
 from stages.training.optimizer import adamw
 
@@ -156,10 +157,7 @@ def start_session(cfg: RunConfig, run_dir: Path) -> Session:
 
     p, out_dir = cfg.ppo, stage_dir(run_dir, "ppo")
     accelerator = make_accelerator(cfg)
-    refuse_unsupported(accelerator, lora=p.lora.enabled or p.value_lora.enabled, what="ppo:")
-    if p.monitor.every and backend_name(accelerator).startswith("fsdp"):
-        raise StageError("ppo: the over-optimisation monitor (ppo.monitor.every) is not supported under FSDP yet; "
-                         "set ppo.monitor.every=0 or use DDP")
+    refuse_unsupported(accelerator, cfg, "ppo")
     set_seed(cfg.seed, device_specific=True)  # ranks sample different responses
     inputs = load_inputs(cfg, run_dir)
     if accelerator.is_main_process:
@@ -338,14 +336,16 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     s.guard.finish()
 
     # ---- export ----
-    export_policy(acc, s.t.policy_u, tok, stage_dir(run_dir, "ppo") / "model", s.t.ema)
+    apply_ema(s.t.policy_u, s.t.ema)
+    export_trained(acc, s.t.policy_u, tok, stage_dir(run_dir, "ppo"), lora=p.lora.enabled)
     last = ([r for r in read_metrics(run_dir, "ppo") if "score_raw_mean" in r] or [{}])[-1]
     summary = {"reward_mean": last.get("score_raw_mean"), "score_mean": last.get("score_mean"),
                "kl": last.get("kl"), "kl_coef": s.kl_ctl.value, "iterations": p.iterations,
                "resumed_from": s.resumed_from, "spike_events": s.guard.events, "world_size": acc.num_processes,
                **({"best_iteration": s.monitor.best_iteration, "best_judge_score": s.monitor.best_score}
                   if s.monitor is not None and s.monitor.judges else {}),
-               "wall_s": round(time.time() - t_start, 2), **runtime_info(cfg.precision, acc)}
+               "wall_s": round(time.time() - t_start, 2), **runtime_info(cfg.precision),
+               "backend": backend_name(acc)}
     return close_stage(run_dir, "ppo", summary, s.logger, acc.is_main_process)
 
 

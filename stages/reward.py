@@ -152,7 +152,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     out_dir = stage_dir(run_dir, "reward")
     init = resolve_input_model(run_dir, rc.init_from, needed_by="reward") if rc.init_from else cfg.model
     accelerator = make_accelerator(cfg)
-    refuse_unsupported(accelerator, lora=rc.lora.enabled, what="reward:")
+    refuse_unsupported(accelerator, cfg, "reward")
     set_seed(cfg.seed)
     records = load_preferences(rc.data)  # bad data fails here, before any model loads
     eval_records = load_preferences(rc.eval_data) if rc.eval_data is not None else None

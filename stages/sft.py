@@ -91,7 +91,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     run_dir, sc, t_start = Path(run_dir), cfg.sft, time.time()
     out_dir = stage_dir(run_dir, "sft")
     accelerator = make_accelerator(cfg)
-    refuse_unsupported(accelerator, lora=sc.lora.enabled, what="sft:")
+    refuse_unsupported(accelerator, cfg, "sft")
     set_seed(cfg.seed)
     demos = load_demonstrations(sc.data)  # bad data fails here, before any model loads
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)

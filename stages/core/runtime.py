@@ -184,18 +184,12 @@ def intra_op_threads(processes_on_node: int) -> int:
     return max(1, available_cores() // max(1, processes_on_node))
 
 
-def runtime_info(precision: str, accelerator=None) -> dict:
-    """What a stage ran with, for its summary (and so the manifest); with the accelerator, also the
-    distributed backend ('single', 'ddp', 'fsdp2', ...)."""
+def runtime_info(precision: str) -> dict:
+    """What a stage ran with, for its summary (and so the manifest)."""
     import torch
 
-    info = {"precision": resolve_precision(precision), "threads": torch.get_num_threads(),
+    return {"precision": resolve_precision(precision), "threads": torch.get_num_threads(),
             "device": "cuda" if torch.cuda.is_available() else "cpu"}
-    if accelerator is not None:
-        from stages.core.sharding import backend_name
-
-        info["backend"] = backend_name(accelerator)
-    return info
 
 
 # ---- memory ----

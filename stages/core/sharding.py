@@ -73,15 +73,15 @@ def backend_name(accelerator) -> str:
     return "single" if accelerator.num_processes == 1 else "ddp"
 
 
-def full_tensors(tensors: dict[str, torch.Tensor], *, to_cpu: bool = True) -> dict[str, torch.Tensor]:
-    """Every tensor whole: a DTensor is gathered from its shards (a collective: every rank calls
-    this, with the same names in the same order); a plain tensor is detached."""
+def full_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every tensor whole, on CPU: a DTensor is gathered from its shards (a collective: every rank
+    calls this, with the same names in the same order); a plain tensor is detached."""
     out = {}
     for name, t in tensors.items():
         t = t.detach()
         if is_dtensor(t):
             t = t.full_tensor()
-        out[name] = t.to("cpu").contiguous() if to_cpu else t
+        out[name] = t.to("cpu").contiguous()
     return out
 
 
@@ -104,8 +104,7 @@ def optimizer_state_full(optimizer) -> dict:
     state = optimizer.state_dict()
     if not any(is_dtensor(v) for s in state["state"].values() for v in s.values()):
         return state
-    return {**state, "state": {i: full_tensors(s, to_cpu=True) if isinstance(s, dict) else s
-                               for i, s in state["state"].items()}}
+    return {**state, "state": {i: full_tensors(s) for i, s in state["state"].items()}}
 
 
 def load_optimizer_state_full(optimizer, saved: dict) -> None:
@@ -170,8 +169,22 @@ def gathered_for_generation(model):
             m.set_reshard_after_forward(True, recurse=False)
 
 
-def refuse_unsupported(accelerator, *, lora: bool = False, what: str = "") -> None:
-    """The combinations the stages do not run sharded yet fail here, in one line, before training."""
-    if backend_name(accelerator).startswith("fsdp") and lora:
-        raise StageError(f"{what} LoRA under FSDP is not supported yet; use DDP (configs/accelerate/ddp_8gpu.yaml) "
-                         "or full fine-tuning")
+def fsdp_unsupported(cfg, stages) -> str | None:
+    """What `stages` would run under FSDP that the stages do not run sharded yet, as one line naming
+    the setting, or None. Pre-flight asks before launching; each stage asks again on its own start."""
+    if "ppo" in stages and cfg.ppo.monitor.every:
+        return ("ppo.monitor.every: the over-optimisation monitor is not supported under FSDP yet; "
+                "set ppo.monitor.every=0 or use DDP")
+    lora = [f"{s}.lora" for s in ("sft", "reward") if s in stages and getattr(cfg, s).lora.enabled]
+    if "ppo" in stages:
+        lora += [f"ppo.{k}" for k in ("lora", "value_lora") if getattr(cfg.ppo, k).enabled]
+    if lora:
+        return f"{lora[0]}.enabled: LoRA is not supported under FSDP yet; train the full model or use DDP"
+    return None
+
+
+def refuse_unsupported(accelerator, cfg, stage: str) -> None:
+    """A stage launched under FSDP with a setting it does not run sharded fails here, in one line."""
+    why = fsdp_unsupported(cfg, [stage]) if backend_name(accelerator).startswith("fsdp") else None
+    if why:
+        raise StageError(f"{stage}: {why}")

@@ -102,7 +102,7 @@ class Monitor:
         self.best_score, self.best_iteration = score, iteration
         if self.acc.is_main_process:
             # A copy: exporting merges LoRA adapters into the weights, which must not touch the live policy.
-            export_policy(None, copy.deepcopy(policy), self.tokenizer, self.out_dir / BEST, ema=None)
+            export_policy(copy.deepcopy(policy), self.tokenizer, self.out_dir / BEST)
             atomic_write_json(self.out_dir / BEST / "best.json",
                               {"iteration": iteration, "judge": name, "judge_score": score, **row})
         self.acc.wait_for_everyone()

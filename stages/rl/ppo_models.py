@@ -19,7 +19,6 @@ import torch
 from stages.core.config_schema import RunConfig
 from stages.core.run_folder import resolve_input_model
 from stages.core.runtime import autocast_layout
-from stages.core.sharding import fsdp_modules, full_model_state
 from stages.modeling.loading import load_causal_lm, load_reward_model, save_model_folder
 from stages.modeling.reward_scoring import ValueModel, last_token_scores
 from stages.modeling.trainable import apply_lora, is_peft, peft_base, trainable_params
@@ -148,16 +147,16 @@ def load_reward_stats(reward_path: str | None) -> dict | None:
         return None
 
 
-def export_policy(accelerator, policy, tokenizer, out_dir: Path, ema: dict | None) -> None:
-    """Write the final policy as a plain HF causal LM + tokenizer (EMA weights if kept; LoRA merged).
-    Every rank calls it with the accelerator: sharded (FSDP2) weights are gathered whole, rank 0
-    writes. With accelerator None the caller alone writes an unsharded policy (the monitor's copy)."""
+def apply_ema(policy, ema: dict | None) -> None:
+    """Put the EMA weights (if kept) into the policy's trainable parameters, before its export."""
     if ema is not None:
         with torch.no_grad():
             for n, p in trainable_params(policy).items():
                 p.copy_(ema[n])
-    state = full_model_state(accelerator, policy) if accelerator is not None and fsdp_modules(policy) else None
-    if accelerator is None or accelerator.is_main_process:
-        save_model_folder(policy.merge_and_unload() if is_peft(policy) else policy, tokenizer, out_dir, state)
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
+
+
+def export_policy(policy, tokenizer, out_dir: Path) -> None:
+    """Write an unsharded policy as a plain HF causal LM + tokenizer (LoRA merged), from the calling
+    process alone: the monitor's copy of the best policy. The final export is the training stages'
+    `export_trained`, which every rank calls."""
+    save_model_folder(policy.merge_and_unload() if is_peft(policy) else policy, tokenizer, out_dir)
