@@ -87,8 +87,10 @@ def main(argv: list[str] | None = None) -> dict:
             f"pairs and cycled (mean {data['tokens_per_sample']:.0f} tokens per pair, both replies). s/step = median "
             f"time between consecutive step ends (wall and process CPU); tokens = pairs × tokens per pair; MFU = "
             f"6·N·tokens/s ÷ ceiling. {bl.basis_note(basis, ceiling)} Our stage runs with its defaults otherwise "
-            f"(padding-free batches: a step's replies packed into one row, each scored at its last token); TRL pads "
-            f"every sequence to the longest in the batch. Peak RSS is each side's own process (VmHWM). "
+            f"(padding-free, prefix-shared batches: each pair's prompt computed once, its two replies after it under a "
+            f"mask, packed into rows and scored at each reply's last token; the tokens column still counts a pair's "
+            f"tokens as prompt + reply twice, the same work unit for both sides); TRL pads every sequence to the "
+            f"longest in the batch. Peak RSS is each side's own process (VmHWM). "
             f"Logs: `{logs}`.\n\n{note}{table}\n")
     b.publish(res, "Reward model: stages.reward vs TRL RewardTrainer", body)
     return res

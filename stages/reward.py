@@ -6,8 +6,9 @@
 The model is a sequence classifier with one output, initialised from this run's SFT model by
 default (`reward.init_from: sft`). The reward of a reply is the score at its last token, the
 <|im_end|> that closes the reply: sequences are `prompt (chat template, generation header) +
-reply + EOS`, exactly what PPO scores after generating. By default a batch's replies are packed
-into one padding-free row and the score is read at each reply's last token; with
+reply + EOS`, exactly what PPO scores after generating. By default each pair's (or ranking's)
+prompt is computed once, its replies after it under a mask that hides them from each other, packed
+without padding, and the score is read at each reply's last token (`collate_groups`); with
 `reward.padding_free: false` rows are right-padded and HF's classifier reads the last non-pad token
 (`config.pad_token_id` is set either way, so the exported model scores padded batches).
 
@@ -60,45 +61,76 @@ def preference_groups(tokenizer, records, max_length: int) -> tuple[list[tuple[l
     return groups, keys
 
 
-def collate_groups(groups, pad_id: int, padding_free: bool = False) -> Batch:
-    """All replies of the groups, back to back, as one batch.
+def shared_prefix(rows: list[list[int]]) -> int:
+    """Tokens at the start of every row of a group (its prompt, where truncation left it whole), capped
+    so each row keeps its last token, where its reward is read, to itself."""
+    n = min(len(r) for r in rows) - 1
+    for i in range(n):
+        if any(r[i] != rows[0][i] for r in rows):
+            return i
+    return n
 
-    Padded: input_ids, attention_mask (R, T), right-padded, R = total replies.
-    Padding-free: input_ids, position_ids (K, W): the replies bin-packed, whole, into K rows no longer
-    than the longest reply (W), back to back with positions restarting at 0 (transformers then masks
-    block-diagonally); a row's unused tail is a segment of its own. ends (R,): the flat index (row·W +
-    column) of each reply's last token, where its reward is read. Rows as long as the longest reply,
-    not one row of all replies, keep the attention cost (quadratic in row length) near a padded
-    batch's, while almost no compute goes to padding.
-    Both: comps, the Comparisons (indices into the R rewards); count = number of groups (the loss unit).
+
+def collate_groups(groups, pad_id: int, padding_free: bool = False) -> Batch:
+    """All replies of the groups as one batch.
+
+    Padded: input_ids, attention_mask (R, T), R = total replies, each row prompt + reply, right-padded.
+    Padding-free (prefix-shared): input_ids, position_ids, attention_mask (K, W), (K, W), (K, 1, W, W).
+    A group is laid out once as its shared prompt followed by each reply's own tokens, and groups are
+    bin-packed, whole, into K rows no longer than the longest group (W). The mask lets each reply see
+    the prompt and its own earlier tokens, not the other replies or other groups; each reply's positions
+    continue from the prompt's, so every reply is computed as if it sat alone after the prompt (tested
+    equal to the padded layout), while the prompt is computed once per group, not once per reply. A
+    row's unused tail is a segment of its own. ends (R,): the flat index (row·W + column) of each reply's
+    last token, where its reward is read.
+    Both: comps, the Comparisons (indices into the R rewards); count = number of groups (the loss unit);
+    num_tokens, the tokens computed.
     """
     rows = [r for g, _ in groups for r in g]
     comps = group_comparisons([len(g) for g, _ in groups], [m for _, m in groups])
-    if padding_free:
-        bins = pack_examples([len(r) for r in rows], max(len(r) for r in rows))
-        width = max(sum(len(rows[i]) for i in b) for b in bins)
-        ids = torch.full((len(bins), width), pad_id)
-        pos = torch.zeros((len(bins), width), dtype=torch.long)
-        ends = torch.zeros(len(rows), dtype=torch.long)
-        for k, b in enumerate(bins):
-            at = 0
-            for i in b:
-                n = len(rows[i])
-                ids[k, at:at + n] = torch.tensor(rows[i])
-                pos[k, at:at + n] = torch.arange(n)
-                ends[i] = k * width + at + n - 1
+    if not padding_free:
+        ids, mask = pad_rows(rows, pad_id)
+        return Batch({"input_ids": ids, "attention_mask": mask, "comps": comps, "num_tokens": int(mask.sum())},
+                     count=len(groups))
+    prefixes = [shared_prefix(g) for g, _ in groups]
+    sizes = [p + sum(len(r) - p for r in g) for (g, _), p in zip(groups, prefixes)]
+    bins = pack_examples(sizes, max(sizes))
+    width = max(sum(sizes[j] for j in b) for b in bins)
+    ids = torch.full((len(bins), width), pad_id)
+    pos = torch.zeros((len(bins), width), dtype=torch.long)
+    seg = torch.zeros((len(bins), width), dtype=torch.long)  # 0 = a prompt, or the row's tail
+    grp = torch.zeros((len(bins), width), dtype=torch.long)  # group of each position, 0 = the tail
+    ends = torch.zeros(len(rows), dtype=torch.long)
+    first = [0]
+    for g, _ in groups:
+        first.append(first[-1] + len(g))
+    for k, b in enumerate(bins):
+        at = 0
+        for j in b:
+            g, p = groups[j][0], prefixes[j]
+            ids[k, at:at + p] = torch.tensor(g[0][:p], dtype=torch.long)
+            pos[k, at:at + p] = torch.arange(p)
+            grp[k, at:at + p] = j + 1
+            at += p
+            for i, r in enumerate(g):
+                n = len(r) - p
+                ids[k, at:at + n] = torch.tensor(r[p:], dtype=torch.long)
+                pos[k, at:at + n] = torch.arange(p, p + n)
+                grp[k, at:at + n], seg[k, at:at + n] = j + 1, first[j] + i + 1
+                ends[first[j] + i] = k * width + at + n - 1
                 at += n
-            pos[k, at:] = torch.arange(width - at)
-        return Batch({"input_ids": ids, "position_ids": pos, "ends": ends, "comps": comps,
-                      "num_tokens": sum(len(r) for r in rows)}, count=len(groups))
-    ids, mask = pad_rows(rows, pad_id)
-    return Batch({"input_ids": ids, "attention_mask": mask, "comps": comps}, count=len(groups))
+        pos[k, at:] = torch.arange(width - at)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    same_group = grp[:, :, None] == grp[:, None, :]
+    visible = (seg[:, None, :] == 0) | (seg[:, :, None] == seg[:, None, :])
+    mask = (causal & same_group & visible).unsqueeze(1)
+    return Batch({"input_ids": ids, "position_ids": pos, "attention_mask": mask, "ends": ends, "comps": comps,
+                  "num_tokens": sum(sizes)}, count=len(groups))
 
 
 def batch_tokens(batch: Batch) -> int:
     """Real (non-padding) tokens of a batch."""
-    t = batch.tensors
-    return int(t["attention_mask"].sum()) if "attention_mask" in t else int(t["num_tokens"])
+    return int(batch.tensors["num_tokens"])
 
 
 def score(model, batch: Batch) -> torch.Tensor:
@@ -106,7 +138,8 @@ def score(model, batch: Batch) -> torch.Tensor:
     device = next(model.parameters()).device
     t = batch.tensors
     if "position_ids" in t:
-        return packed_scores(model, t["input_ids"].to(device), t["position_ids"].to(device), t["ends"].to(device))
+        return packed_scores(model, t["input_ids"].to(device), t["position_ids"].to(device), t["ends"].to(device),
+                             t["attention_mask"].to(device))
     return padded_scores(model, t["input_ids"].to(device), t["attention_mask"].to(device))
 
 

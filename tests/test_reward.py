@@ -60,20 +60,28 @@ def test_kwise_group_batch_layout(tiny_model_dir):
     assert comps.margin.tolist() == [0.5] + [0.0] * 6
 
 
-def test_padding_free_packs_whole_replies_into_rows_of_the_longest():
+def test_padding_free_lays_each_prompt_out_once_and_packs_whole_groups():
     from stages.reward import batch_tokens, collate_groups
 
-    replies = [[1] * 10, [2] * 3, [3] * 4, [4] * 6, [5] * 2, [6] * 7]  # 3 pairs
-    groups = [(replies[i:i + 2], None) for i in range(0, 6, 2)]
+    p, q = [7, 7, 7, 7], [8, 8]
+    groups = [([p + [1] * 6, p + [2] * 3], None),               # prompt p shared by two replies: 4 + 6 + 3 = 13
+              ([q + [3] * 2, q + [4] * 3, q + [5], q + [6]], None),  # a ranking: 2 + 2 + 3 + 1 + 1 = 9
+              ([[9, 1, 1], [8, 2, 2]], None),                    # no common prefix (e.g. truncated): 6
+              ([q + [3], q + [3]], None)]                        # identical replies keep their last token: 2 + 1 + 1
     b = collate_groups(groups, pad_id=0, padding_free=True)
-    ids, pos, ends = b.tensors["input_ids"], b.tensors["position_ids"], b.tensors["ends"]
-    assert ids.shape == (4, 10)  # 32 tokens in rows of 10: first-fit decreasing needs 4, not 6 padded rows
+    ids, pos, mask, ends = (b.tensors[k] for k in ("input_ids", "position_ids", "attention_mask", "ends"))
+    assert ids.shape == (3, 13) and mask.shape == (3, 1, 13, 13)  # 32 tokens, rows as wide as the largest group
+    assert batch_tokens(b) == 32  # the padded layout computes 44
+    rows = [r for g, _ in groups for r in g]
     flat_ids, flat_pos = ids.flatten(), pos.flatten()
-    for r, end in zip(replies, ends.tolist()):  # each reply whole, contiguous, ending where its reward is read
-        n = len(r)
-        assert flat_ids[end - n + 1:end + 1].tolist() == r
-        assert flat_pos[end - n + 1:end + 1].tolist() == list(range(n))
-    assert batch_tokens(b) == 32  # real tokens only, as in a padded batch
+    for i, (r, end) in enumerate(zip(rows, ends.tolist())):
+        k, col = divmod(end, 13)
+        seen = mask[k, 0, col].nonzero().flatten().tolist()  # what the reply's last token attends to
+        assert ids[k, seen].tolist() == r            # exactly the prompt and its own reply, in order
+        assert pos[k, seen].tolist() == list(range(len(r)))  # at the positions it has alone
+        assert flat_ids[end] == r[-1] and flat_pos[end] == len(r) - 1
+    assert (mask.squeeze(1) <= torch.ones(13, 13, dtype=torch.bool).tril()).all()  # never a later token
+    assert mask.squeeze(1).diagonal(dim1=1, dim2=2).all()  # every position, tail included, sees itself
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -90,20 +98,31 @@ def test_padding_free_rewards_and_loss_equal_padded(tiny_model_dir, lora):
             Ranking(prompt=[{"role": "user", "content": "Rank these answers about the weather today."}],
                     responses=["Sunny and warm.", "It may rain later this afternoon, bring an umbrella.", "?", "idk"])]
     groups, _ = preference_groups(tok, recs, 64)
+    long_prompt = [{"role": "user", "content": "Tell me, in as much detail as you can, about the history of tea."}]
+    cut, _ = preference_groups(tok, [PreferencePair(prompt=long_prompt, chosen="Tea came from China long ago.",
+                                                    rejected="No.")], 30)  # each row loses a different prompt head
+    groups += cut
     torch.manual_seed(0)
     model = load_reward_model(TINY_MODEL, pad_token_id=tok.pad_token_id)
     if lora:
         model = apply_lora(model, LoRAConfig(enabled=True, r=4), "SEQ_CLS")
     model.eval()
     pf, pb = collate_groups(groups, tok.pad_token_id, True), collate_groups(groups, tok.pad_token_id, False)
-    lengths = [len(r) for g, _ in groups for r in g]
-    assert pf.tensors["input_ids"].shape[1] == max(lengths)  # rows no longer than the longest reply
-    assert pb.tensors["input_ids"].shape[0] == 6 and len(pf.tensors["ends"]) == 6
+    assert pb.tensors["input_ids"].shape[0] == 8 and len(pf.tensors["ends"]) == 8
+    assert pf.tensors["num_tokens"] < 0.7 * pb.tensors["num_tokens"]  # each prompt computed once, not per reply
+    losses, grads = {}, {}
+    for name, batch in (("packed", pf), ("padded", pb)):
+        model.zero_grad()
+        out = make_loss_fn(True)(model, batch)
+        out.loss_sum.backward()
+        losses[name] = out.loss_sum.item()
+        grads[name] = [p.grad.clone() for p in model.parameters() if p.requires_grad]
     with torch.no_grad():
         a, b = score(model, pf), score(model, pb)
-        la, lb = make_loss_fn(True)(model, pf), make_loss_fn(True)(model, pb)
-    assert a.shape == (6,) and a.tolist() == pytest.approx(b.tolist(), abs=1e-4)
-    assert la.loss_sum.item() == pytest.approx(lb.loss_sum.item(), rel=1e-4) and la.tokens == lb.tokens
+    assert a.shape == (8,) and a.tolist() == pytest.approx(b.tolist(), abs=1e-4)
+    assert losses["packed"] == pytest.approx(losses["padded"], rel=1e-4)
+    for ga, gb in zip(grads["packed"], grads["padded"]):  # the same training signal, not just the same scores
+        assert torch.allclose(ga, gb, atol=1e-5, rtol=1e-3)
     # and the reward of a reply does not depend on what it was packed with
     alone = collate_groups(groups[:1], tok.pad_token_id, True)
     with torch.no_grad():

@@ -87,8 +87,9 @@ class RewardConfig(TrainLoop):
     init_from: str = Field("sft", description="'sft' (this run's SFT model) or any model path/name")
     lr: float = Field(1e-5, gt=0)
     use_margin: bool = Field(True, description="subtract a pair's margin inside the sigmoid")
-    padding_free: bool = Field(True, description="pack a batch's replies into one row with per-reply positions: "
-                               "no compute on padding (same rewards as padded batches)")
+    padding_free: bool = Field(True, description="lay each group out as its prompt once, then each reply, packed "
+                               "into rows with a mask: no compute on padding or on repeated prompts (same rewards "
+                               "and gradients as padded batches)")
     freeze_layers: int = Field(0, ge=0, description="freeze the embeddings and the lowest N transformer layers: "
                                "backward stops above them (cheaper steps; the upper layers and the score head learn)")
 

@@ -7,8 +7,9 @@ that one number, each where it pays:
 
   padded rows       `padded_scores`: HF's classifier pools the last non-pad token. Reward training
                     with reward.padding_free=false, and compare's judging.
-  packed rows       `packed_scores`: the replies back to back in one row, the head's per-token output
-                    read at each reply's end. Reward training's default: no compute on padding.
+  packed rows       `packed_scores`: a group's prompt once, its replies after it under a mask, groups
+                    back to back in rows, the head's per-token output read at each reply's end.
+                    Reward training's default: no compute on padding or on repeated prompts.
   left-padded rows  `last_token_scores` through `ValueModel`: the backbone, with the head applied only
                     at the last attended token. PPO, whose value model is the RM's backbone and head
                     (and, with value LoRA, shares the RM's weights).
@@ -48,18 +49,32 @@ def score_head(model) -> torch.nn.Module:
     return head
 
 
-def packed_scores(model, input_ids, position_ids, ends) -> torch.Tensor:
-    """(R,) scores of R replies packed into rows (K, W) with per-reply positions; ends (R,) is the flat
-    index (row·W + column) of each reply's last token. The classifier pools one position per row, so
+def packed_scores(model, input_ids, position_ids, ends, attention_mask=None) -> torch.Tensor:
+    """(R,) scores of R replies packed into rows (K, W); ends (R,) is the flat index (row·W + column) of
+    each reply's last token. `attention_mask` (K, 1, W, W) bool, True = may attend, says which tokens
+    each token sees (the reward stage's prefix-shared rows); without it, transformers masks
+    block-diagonally where the positions restart at 0. The classifier pools one position per row, so
     the score head's per-token output is read instead. Calling the full model (not its parts) keeps
     DDP's gradient hooks in play."""
     per_token = []
     hook = score_head(model).register_forward_hook(lambda _m, _i, out: per_token.append(out))
     try:
-        model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        model(input_ids=input_ids, position_ids=position_ids, attention_mask=_as_attention_bias(model, attention_mask),
+              use_cache=False)
     finally:
         hook.remove()
     return per_token[-1].flatten(0, 1)[ends, 0].float()
+
+
+def _as_attention_bias(model, mask):
+    """A 4D bool mask as the model's attention takes it: bool for SDPA and flex, additive (0 / dtype
+    min) for eager attention, which adds the mask to the scores."""
+    if mask is None:
+        return None
+    impl = getattr(getattr(peft_base(getattr(model, "module", model)), "config", None), "_attn_implementation", "sdpa")
+    if impl != "eager":
+        return mask
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
 
 
 def normalised(scores: torch.Tensor, stats: dict | None) -> torch.Tensor:
