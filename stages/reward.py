@@ -33,7 +33,7 @@ from stages.core.runtime import make_accelerator, resolved
 from stages.core.sharding import refuse_unsupported
 from stages.modeling.chat_format import render_prompts
 from stages.modeling.reward_scoring import packed_scores, padded_scores, reply_rows
-from stages.modeling.tensors import pad_rows
+from stages.modeling.tensors import common_prefix, pad_rows, shared_prefix_mask
 from stages.modeling.trainable import apply_lora, freeze_lower_layers
 from stages.rl.preference_loss import group_comparisons, grouped_bt_loss, pair_gaps, preference_metrics
 from stages.training.data_order import chunks, eval_shard, pack_examples, split_items
@@ -61,16 +61,6 @@ def preference_groups(tokenizer, records, max_length: int) -> tuple[list[tuple[l
     return groups, keys
 
 
-def shared_prefix(rows: list[list[int]]) -> int:
-    """Tokens at the start of every row of a group (its prompt, where truncation left it whole), capped
-    so each row keeps its last token, where its reward is read, to itself."""
-    n = min(len(r) for r in rows) - 1
-    for i in range(n):
-        if any(r[i] != rows[0][i] for r in rows):
-            return i
-    return n
-
-
 def collate_groups(groups, pad_id: int, padding_free: bool = False) -> Batch:
     """All replies of the groups as one batch.
 
@@ -84,7 +74,8 @@ def collate_groups(groups, pad_id: int, padding_free: bool = False) -> Batch:
     row's unused tail is a segment of its own. ends (R,): the flat index (row·W + column) of each reply's
     last token, where its reward is read.
     Both: comps, the Comparisons (indices into the R rewards); count = number of groups (the loss unit);
-    num_tokens, the tokens computed.
+    num_tokens, the replies' tokens as a padded batch has them, prompt included for each (the data's
+    tokens, for tokens/s; the packed rows compute fewer).
     """
     rows = [r for g, _ in groups for r in g]
     comps = group_comparisons([len(g) for g, _ in groups], [m for _, m in groups])
@@ -92,7 +83,7 @@ def collate_groups(groups, pad_id: int, padding_free: bool = False) -> Batch:
         ids, mask = pad_rows(rows, pad_id)
         return Batch({"input_ids": ids, "attention_mask": mask, "comps": comps, "num_tokens": int(mask.sum())},
                      count=len(groups))
-    prefixes = [shared_prefix(g) for g, _ in groups]
+    prefixes = [common_prefix(g) for g, _ in groups]
     sizes = [p + sum(len(r) - p for r in g) for (g, _), p in zip(groups, prefixes)]
     bins = pack_examples(sizes, max(sizes))
     width = max(sum(sizes[j] for j in b) for b in bins)
@@ -120,16 +111,12 @@ def collate_groups(groups, pad_id: int, padding_free: bool = False) -> Batch:
                 ends[first[j] + i] = k * width + at + n - 1
                 at += n
         pos[k, at:] = torch.arange(width - at)
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    same_group = grp[:, :, None] == grp[:, None, :]
-    visible = (seg[:, None, :] == 0) | (seg[:, :, None] == seg[:, None, :])
-    mask = (causal & same_group & visible).unsqueeze(1)
-    return Batch({"input_ids": ids, "position_ids": pos, "attention_mask": mask, "ends": ends, "comps": comps,
-                  "num_tokens": sum(sizes)}, count=len(groups))
+    return Batch({"input_ids": ids, "position_ids": pos, "attention_mask": shared_prefix_mask(seg, grp), "ends": ends,
+                  "comps": comps, "num_tokens": sum(len(r) for r in rows)}, count=len(groups))
 
 
 def batch_tokens(batch: Batch) -> int:
-    """Real (non-padding) tokens of a batch."""
+    """The data tokens of a batch: each reply with its prompt, padding excluded (for tokens/s)."""
     return int(batch.tensors["num_tokens"])
 
 

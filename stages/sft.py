@@ -23,7 +23,7 @@ from stages.core.run_folder import stage_dir, write_stage_config
 from stages.core.runtime import make_accelerator, resolved
 from stages.core.sharding import refuse_unsupported
 from stages.modeling.chat_format import IGNORE, tokenize_demonstration
-from stages.modeling.tensors import pad_rows
+from stages.modeling.tensors import attention_bias, common_prefix, pad_rows, shared_prefix_mask
 from stages.modeling.trainable import apply_lora
 from stages.training.data_order import chunks, eval_shard, pack_examples, split_items
 from stages.training.export import export_trained
@@ -32,24 +32,36 @@ from stages.training.loop import Batch, LossOut, fit, run_facts
 # ---- data ----
 
 def collate_padding_free(examples: list[tuple[list[int], list[int]]]) -> Batch:
-    """All sequences of the micro-batch concatenated into one row (1, N) with per-sequence
-    position_ids and no attention mask: transformers then builds a block-diagonal causal mask, so
-    sequences do not see each other and no compute goes to padding.
+    """All sequences of the micro-batch in one row (1, N), their common start laid out once.
 
-    tensors: input_ids (1, N); position_ids (1, N); keep (P,) positions whose next token is a
-    target; labels (P,) those target ids.
+    With a chat template, sequences share their start: the system prompt and the user header are 24
+    of the default demonstrations' 65 tokens. That start (never a position that predicts a target)
+    comes once, then each sequence's own tokens at the positions they have alone, under a mask that
+    lets each see the start and its own earlier tokens only. So every target gets the logits it gets
+    alone (tested equal to padded rows), no compute goes to padding, and the common start is computed
+    once per micro-batch instead of once per sequence.
+
+    tensors: input_ids, position_ids (1, N); attention_mask (1, 1, N, N) bool; keep (P,) positions
+    whose next token is a target; labels (P,) those target ids; num_tokens, the sequences' tokens as
+    a padded batch has them (for tokens/s).
     """
-    ids, pos, keep, labels = [], [], [], []
-    for seq, tgt in examples:
-        start = len(ids)
-        ids.extend(seq)
-        pos.extend(range(len(seq)))
-        for t in range(1, len(seq)):
+    seqs = [seq for seq, _ in examples]
+    predicts = [min(t for t in range(1, len(seq)) if tgt[t] != IGNORE) - 1 for seq, tgt in examples]
+    p = min(common_prefix(seqs), *predicts) if len(seqs) > 1 else 0
+    ids, pos, seg = list(seqs[0][:p]), list(range(p)), [0] * p
+    keep, labels = [], []
+    for i, (seq, tgt) in enumerate(examples):
+        at = len(ids) - p  # row index of the sequence's position t (t >= p) is at + t
+        ids.extend(seq[p:])
+        pos.extend(range(p, len(seq)))
+        seg.extend([i + 1] * (len(seq) - p))
+        for t in range(p + 1, len(seq)):
             if tgt[t] != IGNORE:
-                keep.append(start + t - 1)
+                keep.append(at + t - 1)
                 labels.append(tgt[t])
     return Batch({"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([pos]),
-                  "keep": torch.tensor(keep), "labels": torch.tensor(labels)}, count=len(labels))
+                  "attention_mask": shared_prefix_mask(torch.tensor([seg])), "keep": torch.tensor(keep),
+                  "labels": torch.tensor(labels), "num_tokens": sum(map(len, seqs))}, count=len(labels))
 
 
 def collate_padded(examples: list[tuple[list[int], list[int]]], pad_id: int) -> Batch:
@@ -62,11 +74,12 @@ def collate_padded(examples: list[tuple[list[int], list[int]]], pad_id: int) -> 
 def sft_loss(model, batch: Batch) -> LossOut:
     """Summed cross-entropy over target tokens. The padding-free path asks the model for logits at
     target positions only (`logits_to_keep`), so the vocabulary projection skips prompt tokens."""
-    t = {k: v.to(_device(model)) for k, v in batch.tensors.items()}
+    t = {k: v.to(_device(model)) if torch.is_tensor(v) else v for k, v in batch.tensors.items()}
     if "position_ids" in t:
-        out = model(input_ids=t["input_ids"], position_ids=t["position_ids"], logits_to_keep=t["keep"], use_cache=False)
+        out = model(input_ids=t["input_ids"], position_ids=t["position_ids"],
+                    attention_mask=attention_bias(model, t["attention_mask"]), logits_to_keep=t["keep"], use_cache=False)
         loss = F.cross_entropy(out.logits[0].float(), t["labels"], reduction="sum")
-        return LossOut(loss, t["input_ids"].numel())
+        return LossOut(loss, int(t["num_tokens"]))
     out = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"], use_cache=False)
     logits = out.logits[:, :-1].float()
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t["targets"][:, 1:].reshape(-1),

@@ -58,21 +58,35 @@ def test_pack_examples_never_overflows():
     assert len(bins) == 3  # 280 tokens, first-fit-decreasing fills 3 rows of 100
 
 
-def test_padding_free_loss_equals_padded(tiny_model_dir):
+def test_padding_free_lays_the_shared_start_out_once_with_the_padded_loss_and_gradients(tiny_model_dir):
     from stages.modeling.chat_format import tokenize_demonstration
     from stages.sft import collate_padded, collate_padding_free, sft_loss
 
     tok = load_tokenizer(TINY_MODEL)
     chats = [CHAT, [{"role": "user", "content": "Say something longer, please, in a few words."},
-                    {"role": "assistant", "content": "Here are several words for you, as asked."}]]
+                    {"role": "assistant", "content": "Here are several words for you, as asked."}],
+             [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Red."},  # shares
+              {"role": "user", "content": "Another?"}, {"role": "assistant", "content": "Green."}]]   # CHAT's start
     rows = [tokenize_demonstration(tok, c, 128) for c in chats]
     model = load_causal_lm(TINY_MODEL).eval()
-    with torch.no_grad():
-        pf, pb = collate_padding_free(rows), collate_padded(rows, tok.pad_token_id)
+    for group in (rows, rows[:1], [rows[0], rows[2]]):  # the last pair shares the user turn, up to a target
+        pf, pb = collate_padding_free(group), collate_padded(group, tok.pad_token_id)
         assert pf.count == pb.count > 0
-        a, b = sft_loss(model, pf), sft_loss(model, pb)
-    assert a.loss_sum.item() == pytest.approx(b.loss_sum.item(), rel=1e-4)
-    assert a.tokens == b.tokens == sum(len(r[0]) for r in rows)
+        losses, grads = [], []
+        for batch in (pf, pb):
+            model.zero_grad()
+            out = sft_loss(model, batch)
+            out.loss_sum.backward()
+            losses.append(out)
+            grads.append([p.grad.clone() for p in model.parameters()])
+        a, b = losses
+        assert a.loss_sum.item() == pytest.approx(b.loss_sum.item(), rel=1e-4)
+        assert a.tokens == b.tokens == sum(len(r[0]) for r in group)  # tokens/s counts the data's tokens
+        for ga, gb in zip(*grads):
+            assert torch.allclose(ga, gb, atol=1e-5, rtol=1e-3)
+    # the system prompt and user header, common to every row, are computed once
+    common = next(i for i in range(len(rows[0][0])) if len({r[0][i] for r in rows}) > 1)
+    assert common > 10 and collate_padding_free(rows).tensors["input_ids"].numel() == sum(len(r[0]) for r in rows) - 2 * common
 
 
 def test_sft_run_artifacts_and_resume_via_subprocess(tmp_path, tiny_model_dir):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from stages.core.errors import StageError
+from stages.modeling.tensors import attention_bias
 from stages.modeling.trainable import peft_base
 
 
@@ -59,22 +60,11 @@ def packed_scores(model, input_ids, position_ids, ends, attention_mask=None) -> 
     per_token = []
     hook = score_head(model).register_forward_hook(lambda _m, _i, out: per_token.append(out))
     try:
-        model(input_ids=input_ids, position_ids=position_ids, attention_mask=_as_attention_bias(model, attention_mask),
+        model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_bias(model, attention_mask),
               use_cache=False)
     finally:
         hook.remove()
     return per_token[-1].flatten(0, 1)[ends, 0].float()
-
-
-def _as_attention_bias(model, mask):
-    """A 4D bool mask as the model's attention takes it: bool for SDPA and flex, additive (0 / dtype
-    min) for eager attention, which adds the mask to the scores."""
-    if mask is None:
-        return None
-    impl = getattr(getattr(peft_base(getattr(model, "module", model)), "config", None), "_attn_implementation", "sdpa")
-    if impl != "eager":
-        return mask
-    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
 
 
 def normalised(scores: torch.Tensor, stats: dict | None) -> torch.Tensor:

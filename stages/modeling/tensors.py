@@ -49,3 +49,39 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """(…, V) logits -> (…) entropy H = logsumexp(z) − Σ softmax(z)·z, in nats."""
     logits = logits.float()
     return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+
+
+def common_prefix(rows: list[list[int]]) -> int:
+    """Length of the tokens every row starts with, capped so each row keeps at least its last token."""
+    n = min(len(r) for r in rows) - 1
+    for i in range(n):
+        if any(r[i] != rows[0][i] for r in rows):
+            return i
+    return n
+
+
+def shared_prefix_mask(segment: torch.Tensor, group: torch.Tensor | None = None) -> torch.Tensor:
+    """(K, W) segment ids -> (K, 1, W, W) bool attention mask, True = may attend.
+
+    Rows lay out a shared start once (segment 0) and then several sequences (segments 1, 2, ...) that
+    each continue it. A token sees earlier tokens of its own segment and of segment 0 only, so every
+    sequence is computed as if it sat alone after the shared start (its positions must continue the
+    start's). `group` (K, W) splits a row further into independent blocks that never see each other,
+    each with its own segment 0."""
+    width = segment.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=segment.device).tril()
+    visible = (segment[:, None, :] == 0) | (segment[:, :, None] == segment[:, None, :])
+    if group is not None:
+        visible &= group[:, :, None] == group[:, None, :]
+    return (causal & visible).unsqueeze(1)
+
+
+def attention_bias(model, mask: torch.Tensor | None):
+    """A 4D bool mask as the model's attention takes it: bool for SDPA and flex attention, additive
+    (0 / float min) for eager attention, which adds the mask to its scores."""
+    if mask is None:
+        return None
+    config = getattr(getattr(model, "module", model), "config", None)
+    if getattr(config, "_attn_implementation", "sdpa") != "eager":
+        return mask
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
