@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from stages.core.errors import StageError
-from stages.modeling.tensors import attention_bias
+from stages.modeling.tensors import attention_bias, pack_left_padded
 from stages.modeling.trainable import peft_base
 
 
@@ -97,8 +97,15 @@ class ValueModel(torch.nn.Module):
         return getattr(peft_base(self.seq_cls), "_no_split_modules", None)
 
     def hidden(self, input_ids, attention_mask, position_ids):
-        return self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             use_cache=False).last_hidden_state
+        """(B, T, H) hidden states of left-padded rows, computed packed (no padding, the rows' common
+        start once; `pack_left_padded`) unless the batch is too large for one row."""
+        packed = pack_left_padded(input_ids, attention_mask)
+        if packed is None:
+            return self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 use_cache=False).last_hidden_state
+        h = self.backbone(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
+                          attention_mask=attention_bias(self.backbone, packed.attention_mask)).last_hidden_state
+        return h[0, packed.index]
 
     def forward(self, input_ids, attention_mask, position_ids, response_len: int):
         """-> (B, R) values of the states before each response token (the positions predicting it)."""

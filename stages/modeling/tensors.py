@@ -1,9 +1,12 @@
 """Small tensor chores every stage needs, written once: padding token lists into a batch, the
-"through the first EOS" mask, and log-probs and entropy from logits.
+"through the first EOS" mask, log-probs and entropy from logits, and the packed layouts that compute
+a batch's shared start once (common_prefix, shared_prefix_mask, pack_left_padded).
 
 Shapes: B rows, T positions, V vocabulary.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -85,3 +88,50 @@ def attention_bias(model, mask: torch.Tensor | None):
     if getattr(config, "_attn_implementation", "sdpa") != "eager":
         return mask
     return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+
+
+class PackedRows(NamedTuple):
+    """Left-padded rows (B, T) laid out as one row of N tokens (see `pack_left_padded`).
+
+    input_ids, position_ids: (1, N)
+    attention_mask:          (1, 1, N, N) bool, True = may attend
+    index:                   (B, T) where in the packed row each padded position's state is: that token's
+                             own, or for a padding position the row's nearest earlier token (its first
+                             token, for left padding); hidden[0, index] is the padded layout again."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    index: torch.Tensor
+
+
+# Above this many real tokens, one packed row's (N, N) attention would cost more than the padded
+# rows' B·T², so such batches (large GPU batches) keep the padded layout.
+PACKED_MAX_TOKENS = 2048
+
+
+def pack_left_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PackedRows | None:
+    """Left-padded rows (prompt + response, positions counting attended tokens only) as one packed row:
+    no padding, and the rows' common start (with a chat template, the system prompt and user header)
+    laid out once, each row's own tokens after it under a mask that lets a row see only the shared
+    start and itself. Every row's tokens get the states they get in the padded layout (tested), for
+    fewer tokens computed. None when the batch is too large for one row (PACKED_MAX_TOKENS)."""
+    attended = attention_mask.bool()
+    lengths = attended.sum(1)
+    if int(lengths.sum()) > PACKED_MAX_TOKENS:
+        return None
+    rows = [input_ids[b][attended[b]].tolist() for b in range(input_ids.shape[0])]
+    shared = common_prefix(rows) if len(rows) > 1 else 0
+    ids, pos, seg = list(rows[0][:shared]), list(range(shared)), [0] * shared
+    starts = []
+    for b, row in enumerate(rows):
+        starts.append(len(ids))
+        ids.extend(row[shared:])
+        pos.extend(range(shared, len(row)))
+        seg.extend([b + 1] * (len(row) - shared))
+    device = input_ids.device
+    rank = (attended.long().cumsum(1) - 1).clamp(min=0)  # each position's attended-token number
+    start = torch.tensor(starts, device=device)[:, None]
+    index = torch.where(rank < shared, rank, start + rank - shared)
+    return PackedRows(torch.tensor([ids], device=device), torch.tensor([pos], device=device),
+                      shared_prefix_mask(torch.tensor([seg], device=device)), index)
