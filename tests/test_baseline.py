@@ -96,11 +96,12 @@ def test_baseline_stage_writes_prompt_and_generations(tmp_path):
 
 
 def test_shared_prefix_helpers():
-    from stages.evaluation.responders import middle_padded, shared_prefix_len
+    from stages.evaluation.responders import middle_padded
+    from stages.modeling.tensors import common_prefix
 
-    assert shared_prefix_len([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
-    assert shared_prefix_len([[1, 2, 3], [1, 2, 3]]) == 2  # each row keeps one token of its own
-    assert shared_prefix_len([[7], [7, 8]]) == 0
+    assert common_prefix([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert common_prefix([[1, 2, 3], [1, 2, 3]]) == 2  # each row keeps one token of its own
+    assert common_prefix([[7], [7, 8]]) == 0
     ids, mask = middle_padded([[1, 2, 3, 4], [1, 2, 5]], 2, 0)
     assert ids.tolist() == [[1, 2, 3, 4], [1, 2, 0, 5]] and mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 1]]
     ids, mask = middle_padded([[1, 2, 3], [4]], 0, 0)  # no prefix: plain left padding

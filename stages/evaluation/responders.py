@@ -26,7 +26,7 @@ from stages.evaluation.dialogue_prompt import render_transcript, stop_strings_fo
 from stages.modeling.chat_format import render_prompts
 from stages.modeling.generation import sample_ids
 from stages.modeling.loading import load_causal_lm, load_tokenizer
-from stages.modeling.tensors import pad_rows, response_lengths
+from stages.modeling.tensors import common_prefix, pad_rows, response_lengths
 
 
 @dataclass
@@ -44,16 +44,6 @@ class Sample:
 # ---- responders ----
 
 MIN_SHARED_PREFIX = 32  # tokens; a shorter shared prefix is not worth caching
-
-
-def shared_prefix_len(rows: list[list[int]]) -> int:
-    """Length of the token prefix all rows share, leaving every row at least one token of its own
-    (generation needs one uncached input token per row)."""
-    limit = min(len(r) for r in rows) - 1
-    n = 0
-    while n < limit and all(r[n] == rows[0][n] for r in rows):
-        n += 1
-    return max(n, 0)
 
 
 def middle_padded(rows: list[list[int]], prefix_len: int, pad_id: int):
@@ -142,7 +132,7 @@ class Responder:
             if all(len(r) > len(ids) and r[:len(ids)] == ids for r in rows):
                 return self._prefix
         anchor = self.tokenize(self.render([{"role": "user", "content": "x"}]))
-        n = shared_prefix_len(rows + [anchor])
+        n = common_prefix(rows + [anchor])  # every row keeps a token of its own: generation's first input
         if n < MIN_SHARED_PREFIX:
             return None
         ids = rows[0][:n]
