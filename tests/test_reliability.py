@@ -443,8 +443,11 @@ def test_training_loop_heap_trim_keeps_rss_flat_across_varying_packed_rows():
         assert proc.returncode == 0, proc.stderr[-2000:]
         return float(proc.stdout.strip())
 
-    assert growth("default") > 1.5  # the pattern really fragments glibc's heap (measured: 6x)
-    assert growth("stage") < 1.15   # with the training loop's HeapTrim, RSS stays flat (measured: 1.05x)
+    # The pattern really fragments glibc's heap (measured: 4.4-5.9x). Twice in ~15 parallel-suite runs
+    # one process did not fragment (1.05x; cause not found, address-space layout suspected), so this
+    # precondition needs one of up to three processes to fragment; the claim under test, below, gets one.
+    assert any(growth("default") > 1.5 for _ in range(3))
+    assert growth("stage") < 1.15   # with the training loop's HeapTrim, RSS stays flat (measured: 1.03-1.05x)
 
 
 def test_heap_trim_leaves_a_steady_heap_alone():
