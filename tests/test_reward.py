@@ -60,6 +60,24 @@ def test_kwise_group_batch_layout(tiny_model_dir):
     assert comps.margin.tolist() == [0.5] + [0.0] * 6
 
 
+def test_too_long_groups_lose_the_same_prompt_head_for_every_reply():
+    from stages.modeling.reward_scoring import reply_rows
+
+    tok = load_tokenizer(TINY_MODEL)
+    prompt = "word " * 40
+    p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    r0, r1, r2 = ("A fairly long reply that goes on for a while, then stops.", "No.", "x " * 40)
+    own = {r: tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for r in (r0, r1, r2)}
+    assert len(own[r0]) < 40 < len(p_ids) and len(own[r2]) > 40
+
+    rows = reply_rows(tok, prompt, [r0, r1], 40)
+    room = 40 - len(own[r0])  # what the longer reply leaves for the prompt
+    assert rows == [p_ids[-room:] + own[r0], p_ids[-room:] + own[r1]]  # one context for both replies
+    # a reply that alone is too long keeps its own end; its partner then keeps no prompt either
+    assert reply_rows(tok, prompt, [r0, r2], 40) == [own[r0], own[r2][-40:]]
+    assert reply_rows(tok, prompt, [r1], 10_000) == [p_ids + own[r1]]  # short enough: untouched
+
+
 def test_padding_free_lays_each_prompt_out_once_and_packs_whole_groups():
     from stages.reward import batch_tokens, collate_groups
 
@@ -100,7 +118,7 @@ def test_padding_free_rewards_and_loss_equal_padded(tiny_model_dir, lora):
     groups, _ = preference_groups(tok, recs, 64)
     long_prompt = [{"role": "user", "content": "Tell me, in as much detail as you can, about the history of tea."}]
     cut, _ = preference_groups(tok, [PreferencePair(prompt=long_prompt, chosen="Tea came from China long ago.",
-                                                    rejected="No.")], 30)  # each row loses a different prompt head
+                                                    rejected="No.")], 30)  # too long: the prompt loses its head
     groups += cut
     torch.manual_seed(0)
     model = load_reward_model(TINY_MODEL, pad_token_id=tok.pad_token_id)

@@ -24,14 +24,17 @@ from stages.modeling.trainable import peft_base
 
 
 def reply_rows(tokenizer, prompt_text: str, replies: list[str], max_length: int) -> list[list[int]]:
-    """Token ids of prompt + reply + EOS for each reply. Too-long rows lose their oldest tokens,
-    so the reply's end (where the reward is read) always survives."""
+    """Token ids of prompt + reply + EOS for each reply, at most max_length each. Where that is too
+    long, the prompt loses its oldest tokens, the same ones for every reply: the replies are then
+    judged on one context, and the reward stage computes that context once for all of them (cutting
+    each row to its own length would leave the replies different contexts and nothing to share).
+    A reply that alone exceeds max_length also loses its own oldest tokens, so the reply's end, where
+    the reward is read, always survives."""
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    rows = []
-    for reply in replies:
-        ids = prompt_ids + tokenizer(reply, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        rows.append(ids[-max_length:])
-    return rows
+    reply_ids = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in replies]
+    room = max(0, max_length - max(len(r) for r in reply_ids))  # prompt tokens every row can keep
+    prompt_ids = prompt_ids[len(prompt_ids) - room:] if room else []
+    return [(prompt_ids + r)[-max_length:] for r in reply_ids]
 
 
 def padded_scores(model, input_ids, attention_mask) -> torch.Tensor:
