@@ -33,7 +33,7 @@ from stages.core.runtime import make_accelerator, resolved
 from stages.core.sharding import refuse_unsupported
 from stages.modeling.chat_format import render_prompts
 from stages.modeling.reward_scoring import packed_scores, padded_scores, reply_rows
-from stages.modeling.tensors import common_prefix, pad_rows, shared_prefix_mask
+from stages.modeling.tensors import common_prefix, pad_rows, shared_prefix_mask, shared_start_layout
 from stages.modeling.trainable import apply_lora, freeze_lower_layers
 from stages.rl.preference_loss import group_comparisons, grouped_bt_loss, pair_gaps, preference_metrics
 from stages.training.data_order import chunks, eval_shard, pack_examples, split_items
@@ -89,27 +89,23 @@ def collate_groups(groups, pad_id: int, padding_free: bool = False) -> Batch:
     width = max(sum(sizes[j] for j in b) for b in bins)
     ids = torch.full((len(bins), width), pad_id)
     pos = torch.zeros((len(bins), width), dtype=torch.long)
-    seg = torch.zeros((len(bins), width), dtype=torch.long)  # 0 = a prompt, or the row's tail
-    grp = torch.zeros((len(bins), width), dtype=torch.long)  # group of each position, 0 = the tail
+    seg = torch.zeros((len(bins), width), dtype=torch.long)  # within a group: 0 = its prompt, i = reply i
+    grp = torch.zeros((len(bins), width), dtype=torch.long)  # group of each position, 0 = the row's tail
     ends = torch.zeros(len(rows), dtype=torch.long)
-    first = [0]
+    first = [0]  # index of each group's first reply among all R
     for g, _ in groups:
         first.append(first[-1] + len(g))
     for k, b in enumerate(bins):
         at = 0
         for j in b:
             g, p = groups[j][0], prefixes[j]
-            ids[k, at:at + p] = torch.tensor(g[0][:p], dtype=torch.long)
-            pos[k, at:at + p] = torch.arange(p)
-            grp[k, at:at + p] = j + 1
-            at += p
-            for i, r in enumerate(g):
-                n = len(r) - p
-                ids[k, at:at + n] = torch.tensor(r[p:], dtype=torch.long)
-                pos[k, at:at + n] = torch.arange(p, p + n)
-                grp[k, at:at + n], seg[k, at:at + n] = j + 1, first[j] + i + 1
-                ends[first[j] + i] = k * width + at + n - 1
-                at += n
+            laid_ids, laid_pos, laid_seg, starts = shared_start_layout(g, p)
+            span = slice(at, at + sizes[j])
+            ids[k, span], pos[k, span], seg[k, span] = (torch.tensor(x) for x in (laid_ids, laid_pos, laid_seg))
+            grp[k, span] = j + 1
+            for i, (r, start) in enumerate(zip(g, starts)):
+                ends[first[j] + i] = k * width + at + start + len(r) - p - 1
+            at += sizes[j]
         pos[k, at:] = torch.arange(width - at)
     return Batch({"input_ids": ids, "position_ids": pos, "attention_mask": shared_prefix_mask(seg, grp), "ends": ends,
                   "comps": comps, "num_tokens": sum(len(r) for r in rows)}, count=len(groups))

@@ -23,7 +23,7 @@ from stages.core.run_folder import stage_dir, write_stage_config
 from stages.core.runtime import make_accelerator, resolved
 from stages.core.sharding import refuse_unsupported
 from stages.modeling.chat_format import IGNORE, tokenize_demonstration
-from stages.modeling.tensors import attention_bias, common_prefix, pad_rows, shared_prefix_mask
+from stages.modeling.tensors import attention_bias, common_prefix, pad_rows, shared_prefix_mask, shared_start_layout
 from stages.modeling.trainable import apply_lora
 from stages.training.data_order import chunks, eval_shard, pack_examples, split_items
 from stages.training.export import export_trained
@@ -48,16 +48,12 @@ def collate_padding_free(examples: list[tuple[list[int], list[int]]]) -> Batch:
     seqs = [seq for seq, _ in examples]
     predicts = [min(t for t in range(1, len(seq)) if tgt[t] != IGNORE) - 1 for seq, tgt in examples]
     p = min(common_prefix(seqs), *predicts) if len(seqs) > 1 else 0
-    ids, pos, seg = list(seqs[0][:p]), list(range(p)), [0] * p
+    ids, pos, seg, starts = shared_start_layout(seqs, p)
     keep, labels = [], []
-    for i, (seq, tgt) in enumerate(examples):
-        at = len(ids) - p  # row index of the sequence's position t (t >= p) is at + t
-        ids.extend(seq[p:])
-        pos.extend(range(p, len(seq)))
-        seg.extend([i + 1] * (len(seq) - p))
+    for (seq, tgt), start in zip(examples, starts):
         for t in range(p + 1, len(seq)):
             if tgt[t] != IGNORE:
-                keep.append(at + t - 1)
+                keep.append(start + t - 1 - p)  # the position that predicts token t
                 labels.append(tgt[t])
     return Batch({"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([pos]),
                   "attention_mask": shared_prefix_mask(torch.tensor([seg])), "keep": torch.tensor(keep),
@@ -76,8 +72,8 @@ def sft_loss(model, batch: Batch) -> LossOut:
     target positions only (`logits_to_keep`), so the vocabulary projection skips prompt tokens."""
     t = {k: v.to(_device(model)) if torch.is_tensor(v) else v for k, v in batch.tensors.items()}
     if "position_ids" in t:
-        out = model(input_ids=t["input_ids"], position_ids=t["position_ids"],
-                    attention_mask=attention_bias(model, t["attention_mask"]), logits_to_keep=t["keep"], use_cache=False)
+        out = model(input_ids=t["input_ids"], position_ids=t["position_ids"], use_cache=False,
+                    attention_mask=attention_bias(model, t["attention_mask"]), logits_to_keep=t["keep"])
         loss = F.cross_entropy(out.logits[0].float(), t["labels"], reduction="sum")
         return LossOut(loss, int(t["num_tokens"]))
     out = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"], use_cache=False)

@@ -33,7 +33,7 @@ def reply_rows(tokenizer, prompt_text: str, replies: list[str], max_length: int)
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     reply_ids = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in replies]
     room = max(0, max_length - max(len(r) for r in reply_ids))  # prompt tokens every row can keep
-    prompt_ids = prompt_ids[len(prompt_ids) - room:] if room else []
+    prompt_ids = prompt_ids[max(0, len(prompt_ids) - room):]
     return [(prompt_ids + r)[-max_length:] for r in reply_ids]
 
 

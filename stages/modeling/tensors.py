@@ -1,6 +1,6 @@
 """Small tensor chores every stage needs, written once: padding token lists into a batch, the
 "through the first EOS" mask, log-probs and entropy from logits, and the packed layouts that compute
-a batch's shared start once (common_prefix, shared_prefix_mask, pack_left_padded).
+a batch's shared start once (common_prefix, shared_start_layout, shared_prefix_mask, pack_left_padded).
 
 Shapes: B rows, T positions, V vocabulary.
 """
@@ -63,6 +63,21 @@ def common_prefix(rows: list[list[int]]) -> int:
     return n
 
 
+def shared_start_layout(rows: list[list[int]], shared: int) -> tuple[list[int], list[int], list[int], list[int]]:
+    """Rows that begin with the same `shared` tokens, laid out back to back with that start once:
+    -> (ids, positions, segments, starts). The start has segment 0 and positions 0..shared-1; row b's
+    own tokens follow with segment b + 1 and the positions they have in the row (continuing the
+    start's). starts[b] is where row b's own tokens begin, so its token t >= shared sits at
+    starts[b] + t - shared. `shared_prefix_mask(segments)` makes each row see the start and itself."""
+    ids, pos, seg, starts = list(rows[0][:shared]), list(range(shared)), [0] * shared, []
+    for b, row in enumerate(rows):
+        starts.append(len(ids))
+        ids.extend(row[shared:])
+        pos.extend(range(shared, len(row)))
+        seg.extend([b + 1] * (len(row) - shared))
+    return ids, pos, seg, starts
+
+
 def shared_prefix_mask(segment: torch.Tensor, group: torch.Tensor | None = None) -> torch.Tensor:
     """(K, W) segment ids -> (K, 1, W, W) bool attention mask, True = may attend.
 
@@ -87,7 +102,8 @@ def attention_bias(model, mask: torch.Tensor | None):
     config = getattr(getattr(model, "module", model), "config", None)
     if getattr(config, "_attn_implementation", "sdpa") != "eager":
         return mask
-    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+    bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    return bias.masked_fill(~mask, torch.finfo(torch.float32).min)
 
 
 class PackedRows(NamedTuple):
@@ -122,13 +138,7 @@ def pack_left_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> P
         return None
     rows = [input_ids[b][attended[b]].tolist() for b in range(input_ids.shape[0])]
     shared = common_prefix(rows) if len(rows) > 1 else 0
-    ids, pos, seg = list(rows[0][:shared]), list(range(shared)), [0] * shared
-    starts = []
-    for b, row in enumerate(rows):
-        starts.append(len(ids))
-        ids.extend(row[shared:])
-        pos.extend(range(shared, len(row)))
-        seg.extend([b + 1] * (len(row) - shared))
+    ids, pos, seg, starts = shared_start_layout(rows, shared)
     device = input_ids.device
     rank = (attended.long().cumsum(1) - 1).clamp(min=0)  # each position's attended-token number
     start = torch.tensor(starts, device=device)[:, None]
