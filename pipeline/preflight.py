@@ -64,12 +64,14 @@ def estimate_memory(cfg, launch) -> list[MemoryEstimate]:
     p = cfg.ppo
     seq = min(p.max_prompt_length, 128) + p.max_new_tokens
     pol_tr = _lora_trainable(mcfg, p.lora) if p.lora.enabled else n
-    val_tr = _lora_trainable(mcfg, p.value_lora) if p.value_lora.enabled else n
-    # policy (+ reference unless LoRA shares the base), value, reward model
-    frozen = n + (0 if p.lora.enabled else n) + (n if p.value_lora.enabled else 0)
+    has_value = p.advantage == "gae"
+    val_tr = (_lora_trainable(mcfg, p.value_lora) if p.value_lora.enabled else n) if has_value else 0
+    # policy (+ reference unless LoRA shares the base), value (unless advantage 'group'), reward model
+    frozen = n + (0 if p.lora.enabled else n) + (n if has_value and p.value_lora.enabled else 0)
     b = train_bytes(pol_tr + val_tr, frozen, p.mini_batch_size, seq)
-    out.append(MemoryEstimate("ppo", 4 * n, pol_tr + val_tr, b,
-                              f"policy+ref+value+RM, minibatch {p.mini_batch_size} x {seq} tokens"))
+    out.append(MemoryEstimate("ppo", (4 if has_value else 3) * n, pol_tr + val_tr, b,
+                              f"policy+ref+{'value+' if has_value else ''}RM, minibatch {p.mini_batch_size} x {seq} "
+                              "tokens"))
     return out
 
 
@@ -278,7 +280,8 @@ def check_references(cfg, selected: list[str]) -> list[str]:
         model(p.policy, "ppo.policy")
         for i, ref in enumerate(p.monitor.judges):
             model(ref, f"ppo.monitor.judges[{i}]")
-        model(p.value_init, "ppo.value_init", (*STAGES, "policy"))
+        if p.advantage == "gae":
+            model(p.value_init, "ppo.value_init", (*STAGES, "policy"))
     if "baseline" in selected:
         model(cfg.baseline.model or cfg.model, "baseline.model", ())
         _check_file(cfg.baseline.prompt_file, "baseline.prompt_file", config_relative=True)

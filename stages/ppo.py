@@ -3,13 +3,18 @@
 Our own implementation: TRL 1.16 no longer ships a PPO trainer. Each iteration of `run` is five
 steps, marked with banners:
 
-  1. rollout        sample B responses from the policy (batched, KV-cached, left-padded prompts);
-                    in fp32 the policy's log-probs and entropy come from generation's own logits
+  1. rollout        sample B responses from the policy (batched, KV-cached, left-padded prompts), k per
+                    prompt with samples_per_prompt; in fp32 the policy's log-probs and entropy come
+                    from generation's own logits
   2. score          one no-grad pass each: reference log-probs, values, the reward (RM score or a
                     programmatic reward_fn), and under bf16 the policy's log-probs (+ entropy)
   3. KL-penalise    r_t = −β·KL_t on every response token, + the score on the last one
   4. advantages     GAE(γ, λ) over the response tokens, whitened
   5. update         ppo_epochs × minibatches of clipped policy + clipped value loss (+ PPO-ptx)
+
+With `advantage: group` there is no value model: in step 3 each score is first centred by the mean
+score of the other responses to its prompt (the leave-one-out baseline of RLOO), and step 4's
+advantage is the reward to go (GAE with V = 0, λ = 1). The clipped policy loss is unchanged.
 
 Steps 1-2 are in stages/rl/rollout.py, step 5 in stages/rl/ppo_update.py, the math of 3-5 in
 stages/rl/ppo_math.py (pure, unit-tested), the four models in stages/rl/ppo_models.py, the
@@ -36,7 +41,7 @@ from stages.core.runtime import generation_logprobs_exact, make_accelerator, ran
 from stages.core.sharding import backend_name, copy_full_into, gathered_for_generation, refuse_unsupported
 from stages.modeling.trainable import trainable_params
 from stages.rl.monitor import Monitor, load_judges
-from stages.rl.ppo_math import gae, kl_penalized_rewards, make_kl_controller, masked_whiten
+from stages.rl.ppo_math import gae, kl_penalized_rewards, leave_one_out, make_kl_controller, masked_whiten
 from stages.rl.ppo_models import PPOModels, Trainees, apply_ema, load_models
 from stages.rl.ppo_update import ppo_update
 from stages.rl.rollout import Rollout, prepare_prompts, sample_rollouts, score_rollouts
@@ -136,8 +141,7 @@ def _resume(cfg: RunConfig, out_dir: Path, t: Trainees, kl_ctl, accelerator) -> 
         return 0, 0, None, None
     last, path = found
     with ckpt.reading_checkpoint(path):
-        state = ckpt.load_checkpoint(path, ckpt.PPO, weights={"policy": t.policy_u, "value": t.value_u},
-                                     states={"optimizer": {"policy": t.policy_opt, "value": t.value_opt}},
+        state = ckpt.load_checkpoint(path, ckpt.PPO, weights=t.weights, states={"optimizer": t.optimizers},
                                      rank=accelerator.process_index)
         if t.ema is not None:
             if not (path / "ema.safetensors").exists():
@@ -171,15 +175,16 @@ def start_session(cfg: RunConfig, run_dir: Path) -> Session:
     for frozen in (models.ref, models.reward):
         if frozen is not None:
             frozen.to(accelerator.device)
-    opts = {"policy": adamw(trainable_params(models.policy).values(), p.lr),
-            "value": adamw(trainable_params(models.value).values(), p.value_lr or p.lr)}
     kl_ctl = make_kl_controller(p.kl_coef, p.adaptive_kl, p.kl_target, p.kl_horizon)
     # One model per prepare(): what FSDP2 and DeepSpeed accept (and DDP does not mind).
-    policy, policy_opt = accelerator.prepare(models.policy, opts["policy"])
-    value, value_opt = accelerator.prepare(models.value, opts["value"])
+    policy, policy_opt = accelerator.prepare(models.policy, adamw(trainable_params(models.policy).values(), p.lr))
+    value, value_opt = (accelerator.prepare(models.value, adamw(trainable_params(models.value).values(),
+                                                                  p.value_lr or p.lr))
+                        if models.value is not None else (None, None))
     policy_u = accelerator.unwrap_model(policy)
     ema = ({n: w.detach().clone().float() for n, w in trainable_params(policy_u).items()} if p.ema_decay else None)
-    t = Trainees(policy=policy, value=value, policy_u=policy_u, value_u=accelerator.unwrap_model(value),
+    t = Trainees(policy=policy, value=value, policy_u=policy_u,
+                 value_u=accelerator.unwrap_model(value) if value is not None else None,
                  policy_opt=policy_opt, value_opt=value_opt, ema=ema)
     start, opt_step, resumed_from, monitor_state = _resume(cfg, out_dir, t, kl_ctl, accelerator)
     logger = MetricsLogger(run_dir, "ppo", enabled=accelerator.is_main_process)
@@ -202,9 +207,8 @@ def start_session(cfg: RunConfig, run_dir: Path) -> Session:
 
 def checkpoint(s: Session, iteration: int) -> None:
     ckpt.save_checkpoint(s.accelerator, s.ckpt_root, iteration, ckpt.PPO,
-                         weights={"policy": s.t.policy_u, "value": s.t.value_u,
-                                  **({"ema": s.t.ema} if s.t.ema is not None else {})},
-                         states={"optimizer": {"policy": s.t.policy_opt, "value": s.t.value_opt}},
+                         weights={**s.t.weights, **({"ema": s.t.ema} if s.t.ema is not None else {})},
+                         states={"optimizer": s.t.optimizers},
                          state={"optimizer_step": s.opt_step, "kl_ctl": s.kl_ctl.state_dict(),
                                 "fingerprint": s.fingerprint, "iteration": iteration,
                                 "monitor": s.monitor.state_dict() if s.monitor else None})
@@ -214,8 +218,7 @@ def rollback(s: Session) -> int:
     """The spike guard's good state: the last checkpoint on disk (every rank loads it); its optimizer step."""
     path = ckpt.list_checkpoints(s.ckpt_root, ckpt.PPO)[-1][1]
     with ckpt.reading_checkpoint(path):
-        state = ckpt.load_checkpoint(path, ckpt.PPO, weights={"policy": s.t.policy_u, "value": s.t.value_u},
-                                     states={"optimizer": {"policy": s.t.policy_opt, "value": s.t.value_opt}},
+        state = ckpt.load_checkpoint(path, ckpt.PPO, weights=s.t.weights, states={"optimizer": s.t.optimizers},
                                      rank=None)
     return state["optimizer_step"]
 
@@ -308,10 +311,13 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
 
         # ---- 3. KL-penalise ----
         beta = s.kl_ctl.value
-        shaped = kl_penalized_rewards(ro.scores, ro.logprobs, ro.ref_logprobs, ro.mask, beta, p.kl_estimator)
+        group = p.advantage == "group"
+        scores = leave_one_out(ro.scores, p.samples_per_prompt) if group else ro.scores
+        shaped = kl_penalized_rewards(scores, ro.logprobs, ro.ref_logprobs, ro.mask, beta, p.kl_estimator)
 
         # ---- 4. advantages ----
-        advantages, returns = gae(shaped.rewards, ro.values, ro.mask, p.gamma, p.lam)
+        # 'group': the reward to go (λ = 1; the values are 0), its score centred by the group's other responses.
+        advantages, returns = gae(shaped.rewards, ro.values, ro.mask, p.gamma, 1.0 if group else p.lam)
         if p.whiten_advantages:
             advantages = masked_whiten(advantages, ro.mask, total=rank_sum(acc))
         g = gather_stats(acc, ro, shaped)

@@ -32,6 +32,9 @@ def changed(a: dict, b: dict) -> int:
 # How `rlhf run` is told to use each backend on 2 CPU processes.
 BACKENDS = {"ddp": ["launch.cpu_ddp=true"],
             "fsdp2": ["launch.accelerate_config=configs/accelerate/cpu_fsdp2.yaml"]}
+# The end-to-end run's PPO: under DDP with advantage 'group' (no value model; each rank samples its
+# own prompts' groups), under FSDP2 with the value model (sharded and resumed beside the policy).
+PPO_ADVANTAGE = {"ddp": ["ppo.advantage=group", "ppo.samples_per_prompt=2"], "fsdp2": []}
 # The 1-rank-vs-2-rank comparisons take ~1 min each per backend: DDP's run in the fast suite, FSDP2's
 # in the slow one (`make test-slow`); FSDP2's end-to-end run with resume is in the fast suite.
 PARITY = [pytest.param("ddp"), pytest.param("fsdp2", marks=pytest.mark.slow)]
@@ -42,7 +45,8 @@ def test_sft_reward_and_ppo_on_two_cpu_ranks(tmp_path, tiny_model_dir, backend):
     """Every training stage on 2 ranks: artifacts that load in plain transformers, weights that moved,
     and a PPO run that resumes from its sharded (FSDP2) or replicated (DDP) checkpoint."""
     common = ["configs/tiny.yaml", f"runs_root={tmp_path}", "launch.num_processes=2", "launch.main_process_port=29531",
-              *BACKENDS[backend], "sft.batch_size=2", "reward.batch_size=2", "ppo.batch_size=2", "ppo.mini_batch_size=1"]
+              *BACKENDS[backend], "sft.batch_size=2", "reward.batch_size=2", "ppo.batch_size=2", "ppo.mini_batch_size=1",
+              *PPO_ADVANTAGE[backend]]
     proc = rlhf(["run", "--stages", "sft,reward,ppo", *common])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = tmp_path / "tiny"
@@ -85,6 +89,9 @@ def test_sft_reward_and_ppo_on_two_cpu_ranks(tmp_path, tiny_model_dir, backend):
     rows = [json.loads(x) for x in (run / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "kl" in r] == [1, 2, 3, 4]
     assert changed(ppo, weights(run / "ppo" / "model")) > 0
+    has_value = backend != "ddp"
+    assert (run / "ppo" / "checkpoints" / "iter-4" / "value.safetensors").exists() == has_value
+    assert any("value_loss" in r for r in rows) == has_value
 
 
 def _sft_step(root: Path, model: Path, processes: int, per_rank_batch: int, port: int,

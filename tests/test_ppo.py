@@ -68,7 +68,8 @@ def capture_models(monkeypatch) -> dict:
         models = real(*a, **k)
         seen["models"] = models
         seen["policy0"] = {n: p.detach().clone() for n, p in models.policy.named_parameters()}
-        seen["value0"] = {n: p.detach().clone() for n, p in models.value.named_parameters()}
+        if models.value is not None:
+            seen["value0"] = {n: p.detach().clone() for n, p in models.value.named_parameters()}
         seen["policy_storage"] = _unique_numel(models.policy)
         seen["adapters"] = sum(p.numel() for p in models.policy.parameters() if p.requires_grad)
         if models.ref is not None:
@@ -271,6 +272,53 @@ def test_value_from_the_rm_is_on_the_normalised_reward_scale(tmp_path, upstream,
 
 # ---- resume ----
 
+# ---- advantage 'group': no value model ----
+
+GROUP = {"advantage": "group", "samples_per_prompt": 2}
+
+
+def test_group_advantage_has_no_value_model_and_samples_each_prompt_as_a_group(tmp_path, upstream, monkeypatch):
+    cfg, run_dir = make_run(tmp_path, upstream, **GROUP, save_every=1)
+    seen = capture_models(monkeypatch)
+    ppo.run(cfg, run_dir)
+    m, ckpt = seen["models"], run_dir / "ppo" / "checkpoints" / "iter-2"
+    assert m.value is None and m.value_path is None and m.reward is not None
+    assert (ckpt / "policy.safetensors").exists() and not (ckpt / "value.safetensors").exists()
+    assert set(torch.load(ckpt / "optimizer.pt", weights_only=True)) == {"policy"}
+    assert any(not torch.equal(p, seen["policy0"][n]) for n, p in m.policy.named_parameters())
+    rows = _rows(run_dir)
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["policy_loss"]) for r in rows)
+    assert not any(k in r for r in rows for k in ("value_loss", "value_clipfrac", "grad_norm_value"))
+    # The first two rollouts of each iteration (those samples.jsonl keeps) answer one prompt.
+    samples = [json.loads(line) for line in (run_dir / "ppo" / "samples.jsonl").read_text().splitlines()]
+    assert [s["iteration"] for s in samples] == [1, 1, 2, 2]
+    assert samples[0]["prompt"] == samples[1]["prompt"] and samples[2]["prompt"] == samples[3]["prompt"]
+
+
+def test_group_advantage_resume_reproduces_the_uninterrupted_run(tmp_path, upstream):
+    cfg, full_dir = make_run(tmp_path, upstream, "full", **GROUP, iterations=3, save_every=1)
+    ppo.run(cfg, full_dir)
+    cfg2, split_dir = make_run(tmp_path, upstream, "split", **GROUP, iterations=1, save_every=1)
+    ppo.run(cfg2, split_dir)
+    cfg3 = RunConfig.model_validate({**cfg2.model_dump(), "ppo": {**cfg2.ppo.model_dump(), "iterations": 3}})
+    assert ppo.run(cfg3, split_dir)["resumed_from"] == 1
+    for ra, rb in zip(_comparable(_rows(full_dir), {2, 3}), _comparable(_rows(split_dir), {2, 3}), strict=True):
+        for k in ra:
+            assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-7), (ra["step"], k)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"advantage": "group"}, "needs samples_per_prompt >= 2"),
+    ({"samples_per_prompt": 3}, "samples_per_prompt \\(3\\) must divide batch_size \\(4\\)"),
+    ({**GROUP, "value_lora": {"enabled": True}}, "value_lora adapts the value model"),
+])
+def test_group_settings_are_checked(bad, message):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=message):
+        RunConfig.model_validate({"ppo": {**TINY_PPO, **bad}})
+
+
 def _comparable(rows, steps):
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows if r["step"] in steps]
 
@@ -407,10 +455,12 @@ LEARN = dict(iterations=20, batch_size=16, mini_batch_size=8, ppo_epochs=2, max_
              save_every=100)
 
 
-def test_ppo_raises_a_verifiable_reward(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("advantage", [{}, {"advantage": "group", "samples_per_prompt": 4}], ids=["gae", "group"])
+def test_ppo_raises_a_verifiable_reward(tmp_path, tiny_model_dir, advantage):
     run_dir = tmp_path / "learn"
     word_policy(tiny_model_dir, run_dir / "sft" / "model")
-    cfg = RunConfig.model_validate({"name": "learn", "model": "tiny-random-llama", "ppo": {**TINY_PPO, **LEARN}})
+    cfg = RunConfig.model_validate({"name": "learn", "model": "tiny-random-llama",
+                                    "ppo": {**TINY_PPO, **LEARN, **advantage}})
     ppo.run(cfg, run_dir)
     rows = _rows(run_dir)
     curve = [round(r["score_raw_mean"], 3) for r in rows]

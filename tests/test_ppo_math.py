@@ -7,8 +7,8 @@ import torch
 
 from stages.modeling.tensors import entropy_from_logits
 from stages.rl.ppo_math import (AdaptiveKLController, FixedKLController, clipped_policy_loss, clipped_value_loss, gae,
-                                kl_k1, kl_k3, kl_penalized_rewards, make_kl_controller, masked_mean, masked_var,
-                                masked_whiten)
+                                kl_k1, kl_k3, kl_penalized_rewards, leave_one_out, make_kl_controller, masked_mean,
+                                masked_var, masked_whiten)
 
 t = torch.tensor
 
@@ -104,6 +104,34 @@ def test_gae_matches_a_plain_loop():
             adv = rewards[b, i].item() + gamma * nv - values[b, i].item() + gamma * lam * adv
             assert abs(out.advantages[b, i].item() - adv) < 1e-5
         assert torch.all(out.advantages[b, n:] == 0)
+
+
+# ---- the group (leave-one-out) baseline ----
+
+def test_leave_one_out_by_hand():
+    # one group of 4: baselines (2+3+6)/3, (1+3+6)/3, (1+2+6)/3, (1+2+3)/3
+    assert close(leave_one_out(t([1.0, 2.0, 3.0, 6.0]), 4), [1 - 11 / 3, 2 - 10 / 3, 0.0, 4.0])
+    # two groups of 2, in order: each score minus its partner's
+    assert close(leave_one_out(t([1.0, 3.0, 5.0, 4.0]), 2), [-2.0, 2.0, 1.0, -1.0])
+    # a group whose responses all score alike carries no signal, however high the score
+    assert close(leave_one_out(t([7.0, 7.0, 7.0]), 3), [0.0, 0.0, 0.0])
+    for scores, k in ((t([1.0, 2.0, 3.0]), 2), (t([1.0, 2.0]), 1)):
+        with pytest.raises(ValueError, match="groups"):
+            leave_one_out(scores, k)
+
+
+def test_group_advantage_is_the_centred_reward_to_go():
+    """What stages/ppo.py computes for advantage 'group': centred scores, KL-shaped, then GAE with
+    V = 0 and λ = 1, i.e. each token's reward to go."""
+    scores = leave_one_out(t([2.0, 0.0]), 2)                         # [2, -2]
+    logprobs = t([[-1.0, -2.0], [-1.0, -3.0]])
+    ref = t([[-1.5, -1.0], [-1.0, -7.0]])
+    mask = t([[1, 1], [1, 0]])
+    shaped = kl_penalized_rewards(scores, logprobs, ref, mask, kl_coef=0.1)
+    # k1 = [[0.5, -1.0], [0, (masked)]] -> rewards [[-0.05, 0.1 + 2], [0 - 2, 0]]
+    out = gae(shaped.rewards, torch.zeros(2, 2), mask, gamma=1.0, lam=1.0)
+    assert close(out.advantages, [[2.05, 2.1], [-2.0, 0.0]])
+    assert close(out.returns, out.advantages)
 
 
 # ---- clipped losses at the clip boundaries (ε = 0.2) ----

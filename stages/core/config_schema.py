@@ -126,6 +126,11 @@ class PPOConfig(Section):
     reward_fn: str | None = Field(None, description="'module:function' programmatic reward instead of the RM")
     iterations: int = Field(10, ge=1)
     batch_size: int = Field(8, ge=1, description="rollouts per iteration, per device")
+    samples_per_prompt: int = Field(1, ge=1, description="responses sampled per prompt in an iteration (a group); "
+                                    "batch_size / samples_per_prompt prompts are drawn")
+    advantage: Literal["gae", "group"] = Field("gae", description="'gae': GAE over the value model's estimates "
+                                               "(InstructGPT); 'group': each response's score minus the mean of "
+                                               "its group's other responses (RLOO), no value model")
     mini_batch_size: int = Field(4, ge=1)
     ppo_epochs: int = Field(2, ge=1)
     lr: float = Field(1e-5, gt=0)
@@ -160,6 +165,14 @@ class PPOConfig(Section):
     def _minibatch_divides(self):
         if self.batch_size % self.mini_batch_size:
             raise ValueError(f"mini_batch_size ({self.mini_batch_size}) must divide batch_size ({self.batch_size})")
+        if self.batch_size % self.samples_per_prompt:
+            raise ValueError(f"samples_per_prompt ({self.samples_per_prompt}) must divide batch_size ({self.batch_size})")
+        if self.advantage == "group" and self.samples_per_prompt < 2:
+            raise ValueError("advantage 'group' needs samples_per_prompt >= 2 (each response's baseline is the "
+                             "mean score of the other responses to its prompt)")
+        if self.advantage == "group" and self.value_lora.enabled:
+            raise ValueError("value_lora adapts the value model, which advantage 'group' does not have; "
+                             "turn one of them off")
         return self
 
 

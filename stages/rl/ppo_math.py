@@ -111,6 +111,17 @@ def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logpr
 
 # ---- advantages ----
 
+def leave_one_out(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(B,) sequence scores, in consecutive groups of `group_size` responses to one prompt -> each
+    score minus the mean score of the other responses in its group: the REINFORCE leave-one-out
+    baseline (RLOO; Kool et al. 2019, Ahmadian et al. 2024). Unbiased, since a response's baseline does
+    not depend on it, and it removes how hard the prompt is from the signal without a value model."""
+    if group_size < 2 or scores.shape[0] % group_size:
+        raise ValueError(f"leave_one_out: {scores.shape[0]} scores do not form groups of {group_size} >= 2")
+    g = scores.view(-1, group_size)
+    return (g - (g.sum(1, keepdim=True) - g) / (group_size - 1)).view(-1)
+
+
 class Advantages(NamedTuple):
     """advantages: (B, T) GAE advantage Â_t (0 on padding).
     returns:    (B, T) value targets Â_t + V(s_t)."""

@@ -44,19 +44,19 @@ def policy_logits(model, input_ids, attention_mask, position_ids, response_len: 
 class PPOModels:
     """policy: trainable causal LM (a PeftModel with ppo.lora).
     ref:    frozen causal LM, or None when the reference is the policy with its adapter disabled.
-    value:  ValueModel (trainable).
+    value:  ValueModel (trainable), or None with ppo.advantage 'group' (no value model).
     reward: frozen sequence classifier, None with a reward_fn or when it is the value's base (shared).
     reward_shared: the RM is `value` with its adapter disabled.
     reward_stats: the RM's score mean/std that normalise the rewards, or None (not normalised)."""
 
     policy: torch.nn.Module
     ref: torch.nn.Module | None
-    value: ValueModel
+    value: ValueModel | None
     reward: torch.nn.Module | None
     reward_shared: bool
     policy_path: str
     reward_path: str | None
-    value_path: str
+    value_path: str | None
     reward_stats: dict | None = None
 
 
@@ -66,17 +66,26 @@ class Trainees:
 
     policy, value:         prepared (DDP-wrapped with several processes): the update's forward/backward
     policy_u, value_u:     unwrapped: generation, no-grad scoring, checkpoints, export
-    policy_opt, value_opt: their optimizers (prepared)
+    policy_opt, value_opt: their optimizers (prepared); the value's three are None with advantage 'group'
     ema:                   fp32 EMA of the policy's trainable weights by name, or None
     """
 
     policy: torch.nn.Module
-    value: torch.nn.Module
+    value: torch.nn.Module | None
     policy_u: torch.nn.Module
-    value_u: ValueModel
+    value_u: ValueModel | None
     policy_opt: torch.optim.Optimizer
-    value_opt: torch.optim.Optimizer
+    value_opt: torch.optim.Optimizer | None
     ema: dict | None
+
+    @property
+    def weights(self) -> dict:
+        """What a checkpoint holds of the models: name -> unwrapped module (no value with advantage 'group')."""
+        return {"policy": self.policy_u, **({"value": self.value_u} if self.value_u is not None else {})}
+
+    @property
+    def optimizers(self) -> dict:
+        return {"policy": self.policy_opt, **({"value": self.value_opt} if self.value_opt is not None else {})}
 
 
 def _frozen(model):
@@ -99,6 +108,23 @@ def load_models(cfg: RunConfig, run_dir: Path, pad_token_id: int, log=print) -> 
         ref = _frozen(autocast_layout(load_causal_lm(policy_path, "fp32", trc), cfg.precision))
     policy.eval()  # PPO wants no dropout: ratios must be exactly 1 before the first update
 
+    stats = load_reward_stats(reward_path) if p.reward_normalize else None
+    value, value_path = (_load_value(cfg, run_dir, policy_path, reward_path, pad_token_id, stats, log)
+                         if p.advantage == "gae" else (None, None))
+    reward, shared = None, False
+    if reward_path is not None:
+        if value is not None and p.value_lora.enabled and value_path == reward_path:
+            shared = True
+        else:
+            reward = _frozen(autocast_layout(load_reward_model(reward_path, "fp32", trc, pad_token_id=pad_token_id),
+                                             cfg.precision))
+    return PPOModels(policy, ref, value, reward, shared, policy_path, reward_path, value_path, stats)
+
+
+def _load_value(cfg: RunConfig, run_dir: Path, policy_path: str, reward_path: str | None, pad_token_id: int,
+                stats: dict | None, log) -> tuple[ValueModel, str]:
+    """The value model and where it came from (ppo.value_init)."""
+    p, trc = cfg.ppo, cfg.trust_remote_code
     zero_head = False
     if p.value_init == "reward" and reward_path is not None:
         value_path = reward_path
@@ -114,18 +140,8 @@ def load_models(cfg: RunConfig, run_dir: Path, pad_token_id: int, log=print) -> 
     if p.value_lora.enabled:
         value_seq = apply_lora(value_seq, p.value_lora, "SEQ_CLS")
     value_seq.eval()
-    stats = load_reward_stats(reward_path) if p.reward_normalize else None
     # A value that starts from the RM reads its scores on the normalised rewards' scale.
-    value = ValueModel(value_seq, stats if value_path == reward_path else None)
-
-    reward, shared = None, False
-    if reward_path is not None:
-        if p.value_lora.enabled and value_path == reward_path:
-            shared = True
-        else:
-            reward = _frozen(autocast_layout(load_reward_model(reward_path, "fp32", trc, pad_token_id=pad_token_id),
-                                             cfg.precision))
-    return PPOModels(policy, ref, value, reward, shared, policy_path, reward_path, value_path, stats)
+    return ValueModel(value_seq, stats if value_path == reward_path else None), value_path
 
 
 def reference_context(models: PPOModels, policy):

@@ -18,6 +18,7 @@ from stages.rl.rollout import Rollout
 
 UPDATE_METRICS = ("policy_loss", "value_loss", "clipfrac", "value_clipfrac", "approx_kl", "ratio_mean",
                   "grad_norm_policy", "grad_norm_value", "ptx_loss")
+VALUE_METRICS = {"value_loss", "value_clipfrac", "grad_norm_value"}  # not logged without a value model
 
 
 def _token_share(accelerator, mask) -> float | torch.Tensor:
@@ -40,8 +41,10 @@ def _minibatch_loss(accelerator, t: Trainees, ro: Rollout, advantages, returns, 
     with training_attention(accelerator.device, ro.input_ids.shape[1]), accelerator.autocast():
         new_logprobs = logprobs_from_logits(policy_logits(t.policy, *args, R, p.temperature), ro.response[mb])
         pl = clipped_policy_loss(new_logprobs, ro.logprobs[mb], advantages[mb], ro.mask[mb], p.cliprange)
-        vl = clipped_value_loss(t.value(*args, R), ro.values[mb], returns[mb], ro.mask[mb], p.cliprange_value)
-        loss, lm = (pl.loss + p.vf_coef * vl.loss) * _token_share(accelerator, ro.mask[mb]), None
+        vl = (clipped_value_loss(t.value(*args, R), ro.values[mb], returns[mb], ro.mask[mb], p.cliprange_value)
+              if t.value is not None else None)
+        loss = pl.loss + p.vf_coef * vl.loss if vl is not None else pl.loss
+        loss, lm = loss * _token_share(accelerator, ro.mask[mb]), None
         if ptx is not None:
             # Through the unwrapped policy: one DDP forward per backward; gradients still sync.
             demos, seed, step, pad_id = ptx
@@ -69,7 +72,7 @@ def ppo_update(accelerator, t: Trainees, ro: Rollout, advantages, returns, p: PP
                 acc["ptx_loss"].append(lm.item())
             accelerator.backward(loss)
             gn_policy = float(accelerator.clip_grad_norm_(t.policy.parameters(), p.grad_clip))
-            gn_value = float(accelerator.clip_grad_norm_(t.value.parameters(), p.grad_clip))
+            gn_value = float(accelerator.clip_grad_norm_(t.value.parameters(), p.grad_clip)) if vl is not None else 0.0
             # Every rank must take the same guard decision: judge reduced numbers.
             total = accelerator.reduce(loss.detach().float(), reduction="mean").item()
             rmax = accelerator.gather(pl.ratio_max.detach().float().reshape(1)).max().item()
@@ -78,27 +81,32 @@ def ppo_update(accelerator, t: Trainees, ro: Rollout, advantages, returns, p: PP
             # centred on zero by whitening; the value loss follows the drifting returns), so only a
             # non-finite loss is passed on; PPO is judged by KL, policy ratio and grad norm.
             guard_loss = 0.0 if math.isfinite(total) else total
+            optimizers = t.optimizers.values()
             if not guard.check(opt_step, loss=guard_loss, grad_norm=max(gn_policy, gn_value), kl=mean_kl, ratio=rmax):
-                t.policy_opt.zero_grad(set_to_none=True)
-                t.value_opt.zero_grad(set_to_none=True)
+                for opt in optimizers:
+                    opt.zero_grad(set_to_none=True)
                 skipped += 1
                 continue
-            for opt in (t.policy_opt, t.value_opt):
+            for opt in optimizers:
                 opt.step()
-            for opt in (t.policy_opt, t.value_opt):
+            for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
             if t.ema is not None:
                 with torch.no_grad():
                     for n, w in trainable_params(t.policy_u).items():
                         t.ema[n].lerp_(w.detach().float(), 1.0 - p.ema_decay)
             guard.after_step(opt_step)
-            for k, v in (("policy_loss", pl.loss), ("value_loss", vl.loss), ("clipfrac", pl.clipfrac),
-                         ("value_clipfrac", vl.clipfrac), ("approx_kl", pl.approx_kl), ("ratio_mean", pl.ratio_mean)):
+            for k, v in (("policy_loss", pl.loss), ("clipfrac", pl.clipfrac), ("approx_kl", pl.approx_kl),
+                         ("ratio_mean", pl.ratio_mean)):
                 acc[k].append(v.item())
             acc["grad_norm_policy"].append(gn_policy)
-            acc["grad_norm_value"].append(gn_value)
+            if vl is not None:
+                acc["value_loss"].append(vl.loss.item())
+                acc["value_clipfrac"].append(vl.clipfrac.item())
+                acc["grad_norm_value"].append(gn_value)
             ratio_max = max(ratio_max, pl.ratio_max.item())
     means = accelerator.reduce(torch.tensor([sum(v) / len(v) if v else float("nan") for v in acc.values()],
                                             device=accelerator.device), reduction="mean").tolist()
-    metrics = {k: v for k, v in zip(acc, means) if not (k == "ptx_loss" and demos is None)}
+    absent = ({"ptx_loss"} if demos is None else set()) | (VALUE_METRICS if t.value is None else set())
+    metrics = {k: v for k, v in zip(acc, means) if k not in absent}
     return {**metrics, "ratio_max": ratio_max, "skipped_minibatches": skipped}, opt_step

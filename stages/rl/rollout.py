@@ -64,9 +64,13 @@ class Samples(NamedTuple):
 
 def sample_rollouts(accelerator, policy, tokenizer, texts: list[str], p: PPOConfig, *, seed: int, iteration: int,
                     with_logprobs: bool) -> Samples:
-    """Step 1: this rank's prompts of the iteration, answered by the policy (batched, KV-cached)."""
-    idx = micro_batch_indices(len(texts), seed, iteration - 1, p.batch_size, accelerator.num_processes,
-                              accelerator.process_index)
+    """Step 1: this rank's prompts of the iteration, answered by the policy (batched, KV-cached).
+    With samples_per_prompt k, batch_size / k prompts are drawn and each is answered k times in a row
+    (a group, which stays on one rank)."""
+    k = p.samples_per_prompt
+    prompts = micro_batch_indices(len(texts), seed, iteration - 1, p.batch_size // k, accelerator.num_processes,
+                                  accelerator.process_index)
+    idx = [i for i in prompts for _ in range(k)]
     return answer(accelerator, policy, tokenizer, texts, idx, p, with_logprobs=with_logprobs)
 
 
@@ -96,7 +100,7 @@ class Rollout:
     mask:         (B, R)   1 on real response tokens
     logprobs:     (B, R)   log π_old(a_t|s_t) of the policy that sampled them
     ref_logprobs: (B, R)   log π_ref(a_t|s_t)
-    values:       (B, R)   V_old(s_t)
+    values:       (B, R)   V_old(s_t); 0 without a value model (ppo.advantage 'group')
     raw_scores:   (B,)     RM score / reward_fn output;  scores: (B,) after shape_scores
     has_eos:      (B,)     the response ended with EOS
     entropy:      ()       mean per-token entropy of π_old over real tokens
@@ -153,7 +157,7 @@ def score_rollouts(accelerator, models: PPOModels, policy, value, s: Samples, p:
         ref_model, ref_ctx = reference_context(models, policy)
         with ref_ctx:
             ref_logp = logprobs_from_logits(policy_logits(ref_model, *args, R, p.temperature), s.response[rows])
-        vals = value(*args, R)
+        vals = value(*args, R) if value is not None else torch.zeros_like(ref_logp)
         raw = (reward_model_scores(models, value, *args) if reward_fn is None
                else torch.zeros(len(ent), device=accelerator.device))
         return logp, ref_logp, vals, raw, ent
