@@ -302,9 +302,7 @@ def test_group_advantage_resume_reproduces_the_uninterrupted_run(tmp_path, upstr
     ppo.run(cfg2, split_dir)
     cfg3 = RunConfig.model_validate({**cfg2.model_dump(), "ppo": {**cfg2.ppo.model_dump(), "iterations": 3}})
     assert ppo.run(cfg3, split_dir)["resumed_from"] == 1
-    for ra, rb in zip(_comparable(_rows(full_dir), {2, 3}), _comparable(_rows(split_dir), {2, 3}), strict=True):
-        for k in ra:
-            assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-7), (ra["step"], k)
+    assert_same_metrics(full_dir, split_dir, {2, 3})
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -323,6 +321,13 @@ def _comparable(rows, steps):
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows if r["step"] in steps]
 
 
+def assert_same_metrics(a_dir, b_dir, steps):
+    """Two runs logged the same metrics (timings aside) at `steps`, within float noise."""
+    for ra, rb in zip(_comparable(_rows(a_dir), steps), _comparable(_rows(b_dir), steps), strict=True):
+        for k in ra:
+            assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-7), (ra["step"], k)
+
+
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, upstream):
     cfg, full_dir = make_run(tmp_path, upstream, "full", iterations=4, save_every=2)
     ppo.run(cfg, full_dir)
@@ -331,12 +336,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, upstream):
     cfg3 = RunConfig.model_validate({**cfg2.model_dump(), "ppo": {**cfg2.ppo.model_dump(), "iterations": 4}})
     summary = ppo.run(cfg3, split_dir)
     assert summary["resumed_from"] == 2
-    full, split = _rows(full_dir), _rows(split_dir)
-    assert [r["step"] for r in split] == [1, 2, 3, 4]
-    a, b = _comparable(full, {3, 4}), _comparable(split, {3, 4})
-    for ra, rb in zip(a, b):
-        for k in ra:
-            assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-7), (ra["step"], k)
+    assert [r["step"] for r in _rows(split_dir)] == [1, 2, 3, 4]
+    assert_same_metrics(full_dir, split_dir, {3, 4})
     samples = lambda d: [json.loads(x) for x in (d / "ppo" / "samples.jsonl").read_text().splitlines()]  # noqa: E731
     assert samples(full_dir) == samples(split_dir)  # the same completions were sampled
 
