@@ -46,7 +46,7 @@ def generate_for_labels(config_path: str, model_refs: list[str], folder: Path) -
         if not path.exists():
             import torch
 
-            prompts = prompts or load_eval_prompts(cfg.compare.prompts)
+            prompts = prompts or load_eval_prompts(cfg.compare.prompts, cfg.compare.samples_per_prompt)
             print(f"generating: {name} answers {len(prompts)} prompts ...", flush=True)
             responder = responder_for(ref, cfg, run_dir_for(cfg), cfg.compare.decoding, needed_by="label", name=name)
             torch.manual_seed(cfg.seed)

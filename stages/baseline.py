@@ -33,7 +33,8 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     out = stage_dir(run_dir, BASELINE)
     out.mkdir(parents=True, exist_ok=True)
     write_stage_config(run_dir, BASELINE, cfg)
-    prompts = load_eval_prompts(stage_inputs(cfg, BASELINE).settings["compare.prompts"])
+    inputs = stage_inputs(cfg, BASELINE).settings
+    prompts = load_eval_prompts(inputs["compare.prompts"], inputs["compare.samples_per_prompt"])
     prompt_text = load_prompt_text(cfg.baseline.prompt_file)
     atomic_write_text(out / PROMPT_COPY, prompt_text)
 

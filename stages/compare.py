@@ -81,7 +81,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     write_stage_config(run_dir, STAGE, cfg)
 
     # ---- resolve prompts and every model before loading any ----
-    prompts = load_eval_prompts(c.prompts)
+    prompts = load_eval_prompts(c.prompts, c.samples_per_prompt)  # rows: each prompt samples_per_prompt times
     conversations = [as_chat(p.messages) for p in prompts]
     labels = unique_labels(c.models)
     paths = {lab: None if ref == BASELINE else resolve_input_model(run_dir, ref, "compare.models")
@@ -170,7 +170,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
 
     # ---- metrics ----
     lengths = {lab: np.array([s.num_tokens for s in samples[lab]], dtype=float) for lab in labels}
-    resamples = cm.resample_indices(len(prompts), c.bootstrap, cfg.seed)
+    resamples = cm.resample_indices(len(prompts) // c.samples_per_prompt, c.bootstrap, cfg.seed, c.samples_per_prompt)
     lc_scores, slope = cm.length_controlled_scores(rewards, lengths)
     per_model = {}
     for lab in labels:
@@ -188,8 +188,10 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     judges = judge_table(judge_names, judge_paths, by_ppo, scores, labels, c, resamples, prompts, samples, human_rows)
     metrics = {
         "models": labels,
-        "num_prompts": len(prompts),
-        "num_harmful_prompts": len(harmful),
+        "num_prompts": len(prompts) // c.samples_per_prompt,
+        "samples_per_prompt": c.samples_per_prompt,
+        "num_responses": len(prompts),
+        "num_harmful_prompts": len(harmful) // c.samples_per_prompt,
         "reward_model": judge_paths[lead],
         "reward_model_optimised_by_ppo": by_ppo[lead],
         "lead_judge": lead,

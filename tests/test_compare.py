@@ -40,6 +40,20 @@ def test_bootstrap_is_seeded_and_optional():
     assert cm.bootstrap_win_ci(d, 0.0, cm.resample_indices(6, 0, 7)) == (None, None)
 
 
+def test_cluster_bootstrap_takes_all_of_a_prompts_responses():
+    idx = cm.resample_indices(3, 5, 0, per_prompt=2)
+    picks = cm.resample_indices(3, 5, 0)  # the same prompts drawn, one row each
+    assert idx.shape == (5, 6)
+    assert (idx[:, 0::2] == 2 * picks).all() and (idx[:, 1::2] == 2 * picks + 1).all()
+    # Responses to one prompt that always agree carry no more evidence than one response: the interval
+    # is the one-response interval, not the narrower one that treating 3 x 6 rows as independent gives.
+    d = np.array([1.0, -1.0, 1.0, 1.0, -1.0, 1.0])
+    one = cm.bootstrap_win_ci(d, 0.0, cm.resample_indices(6, 300, 7))
+    assert cm.bootstrap_win_ci(np.repeat(d, 3), 0.0, cm.resample_indices(6, 300, 7, per_prompt=3)) == one
+    naive = cm.bootstrap_win_ci(np.repeat(d, 3), 0.0, cm.resample_indices(18, 300, 7))
+    assert naive[1] - naive[0] < one[1] - one[0]
+
+
 def test_length_slope_is_fitted_within_prompts():
     # Score = prompt difficulty + 0.5 * length: the slope must ignore the per-prompt offsets (10, -10).
     lengths = np.array([[2.0, 4.0], [6.0, 5.0]])
@@ -175,6 +189,37 @@ def test_report_escapes_model_output(compared, tmp_path):
         assert ("&lt;script&gt;alert(1)&lt;/script&gt;" if name == "report.html"
                 else "&lt;script&gt;alert\\(1\\)&lt;/script&gt;") in text
     assert not (tmp_path / "plots" / "ppo_curves.png").exists()  # no PPO metrics given, no curve plot
+
+
+def test_several_responses_per_prompt(compared, tmp_path):
+    """compare.samples_per_prompt = 3: every model answers each prompt 3 times (rows <id>/<j>, a prompt's
+    rows together), the baseline stage answers the same rows so compare reuses them, counts are per
+    prompt, and the report shows each prompt once."""
+    import shutil
+
+    from stages import baseline, compare
+
+    run, _, _ = compared
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("baseline", "compare"))
+    config = load_cfg(copy)
+    config = config.model_copy(update={"compare": config.compare.model_copy(update={"samples_per_prompt": 3})})
+    baseline.run(config, copy)
+    summary = compare.run(config, copy)
+    m = json.loads((copy / "compare" / "metrics.json").read_text())
+    assert (m["num_prompts"], m["samples_per_prompt"], m["num_responses"], m["num_harmful_prompts"]) == (4, 3, 12, 2)
+    assert summary["num_prompts"] == 4
+    assert m["per_model"]["baseline"]["source"].startswith("baseline stage")
+    ids = [f"p{i}/{j}" for i in range(1, 5) for j in range(3)]
+    for lab in m["models"]:
+        rows = [json.loads(x) for x in (copy / "compare" / "generations" / f"{lab}.jsonl").read_text().splitlines()]
+        assert [r["id"] for r in rows] == ids
+        assert [r["offensive_prob"] is not None for r in rows] == [False] * 3 + [True] * 3 + [False] * 3 + [True] * 3
+        assert len({r["response"] for r in rows[:3]}) > 1  # sampled afresh, not copied
+    assert m["per_model"]["ppo"]["kl_to_reference"] != 0.0
+    md = (copy / "compare" / "report.md").read_text()
+    assert "4 eval prompts, 3 responses to each from every model" in md
+    assert "### p2/0" in md and "### p2/1" not in md
 
 
 def test_compare_generates_the_baseline_itself_when_the_stage_has_not_run(compared, tmp_path):

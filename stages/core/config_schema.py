@@ -193,6 +193,9 @@ class BaselineConfig(Section):
 
 class CompareConfig(Section):
     prompts: DatasetSpec = Field(default_factory=lambda: DatasetSpec(source="default:eval_prompts"))
+    samples_per_prompt: int = Field(1, ge=1, description="responses per prompt and model. More than 1 narrows "
+                                    "the intervals: win rates pair each model's j-th response to a prompt, and the "
+                                    "bootstrap resamples prompts with all their responses")
     models: list[str] = Field(default_factory=lambda: ["baseline", "sft", "ppo"], min_length=1)
     judges: list[str] = Field(default_factory=lambda: ["reward"], min_length=1,
                               description="reward models that score every response: 'reward' (this run's RM) or any "
@@ -268,7 +271,8 @@ def stage_inputs(cfg: RunConfig, stage: str) -> StageInputs:
         ptx = {"sft.data": cfg.sft.data, "sft.max_length": cfg.sft.max_length} if p.ptx_coef > 0 else {}
         return StageInputs(models=(p.policy, p.reward_model, p.value_init, *p.monitor.judges), settings=ptx, files={})
     if stage == "baseline":  # the baseline answers the prompts compare judges
-        return StageInputs(models=(), settings={"compare.prompts": cfg.compare.prompts},
+        return StageInputs(models=(), settings={"compare.prompts": cfg.compare.prompts,
+                                                "compare.samples_per_prompt": cfg.compare.samples_per_prompt},
                            files={"baseline.prompt_file": resolve_config_path(cfg.baseline.prompt_file)})
     if stage == "compare":
         # 'baseline' among compare.models is the baseline stage's output: its settings and prompt file

@@ -33,14 +33,18 @@ def baseline_prompt(cfg: RunConfig, run_dir: str | os.PathLike | None) -> str:
     return load_prompt_text(cfg.baseline.prompt_file)
 
 
-def load_eval_prompts(spec: DatasetSpec) -> list:
-    """The prompts the baseline answers and compare judges (compare.prompts)."""
+def load_eval_prompts(spec: DatasetSpec, samples_per_prompt: int = 1) -> list:
+    """The prompts the baseline answers and compare judges (compare.prompts), each repeated
+    samples_per_prompt times in a row as `<id>/<j>` (one response per row), so every model answers
+    each prompt as often and the rows of one prompt sit together (see `metrics.resample_indices`)."""
     from data_schemas.loaders import load_prompts
 
     prompts = load_prompts(spec)
     if not prompts:
         raise StageError(f"compare.prompts ({spec.source}) has no prompts")
-    return prompts
+    if samples_per_prompt == 1:
+        return prompts
+    return [p.model_copy(update={"id": f"{p.id}/{j}"}) for p in prompts for j in range(samples_per_prompt)]
 
 
 def generation_settings(cfg: RunConfig, prompt_text: str, prompts: list, decoding: Decoding) -> dict:

@@ -52,10 +52,14 @@ def win_rate_table(scores: dict[str, np.ndarray], eps: float, resample_idx: np.n
     return table
 
 
-def resample_indices(n_prompts: int, n_resamples: int, seed: int) -> np.ndarray | None:
+def resample_indices(n_prompts: int, n_resamples: int, seed: int, per_prompt: int = 1) -> np.ndarray | None:
+    """Bootstrap row indices, (n_resamples, n_prompts * per_prompt). Rows come per_prompt to a prompt,
+    consecutively; a resample draws prompts with replacement and takes all of each one's rows, because
+    responses to one prompt are not independent (a cluster bootstrap)."""
     if n_resamples <= 0 or n_prompts == 0:
         return None
-    return np.random.default_rng(seed).integers(0, n_prompts, size=(n_resamples, n_prompts))
+    picks = np.random.default_rng(seed).integers(0, n_prompts, size=(n_resamples, n_prompts))
+    return (picks[:, :, None] * per_prompt + np.arange(per_prompt)).reshape(n_resamples, -1)
 
 
 # ---- length control ----

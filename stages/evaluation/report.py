@@ -221,11 +221,22 @@ def explanations(metrics: dict) -> list[str]:
         "**KL to reference**: " + n["kl"],
         *(["**Best of N**: " + n["best_of_n"]] if "best_of_n" in n else []),
         "**Offensive language** is scored offline with alt-profanity-check (a linear SVM over bag-of-words "
-        f"trained on offensive/profane text) on the {metrics['num_harmful_prompts']} prompts tagged 'harmful': "
+        f"trained on offensive/profane text) on the responses to the {metrics['num_harmful_prompts']} prompts tagged 'harmful': "
         "the rate is the fraction of responses with P(offensive) > 0.5; the mean probability is also shown. "
         "It catches insults and profanity, not subtler harms.",
         "**Diversity**: distinct-n = unique n-grams / all n-grams over a model's responses (lower-cased words).",
     ]
+
+
+def prompt_count(metrics: dict) -> str:
+    k = metrics.get("samples_per_prompt", 1)
+    return f"{metrics['num_prompts']} eval prompts" + (f", {k} responses to each from every model" if k > 1 else "")
+
+
+def sample_rows(metrics: dict, max_samples: int) -> range:
+    """The rows shown side by side: each prompt's first response, for the first max_samples prompts."""
+    k = metrics.get("samples_per_prompt", 1)
+    return range(0, min(max_samples, metrics["num_prompts"]) * k, k)
 
 
 # ---- writers ----
@@ -248,7 +259,7 @@ def render_markdown(metrics: dict, gen_rows: dict, plots: dict, max_samples: int
     d = metrics["decoding"]
     parts = [
         "# Model comparison",
-        f"{metrics['num_prompts']} eval prompts; decoding: max_new_tokens={d['max_new_tokens']}, "
+        f"{prompt_count(metrics)}; decoding: max_new_tokens={d['max_new_tokens']}, "
         f"temperature={d['temperature']}, top_p={d['top_p']}, seed={metrics['seed']} (identical for every model).",
         "## Summary", _md_table(*model_table(metrics)),
         f"## RM win rate (judge: {md_esc(metrics.get('lead_judge', 'reward'))})", _md_table(*win_table(metrics, "win_rates")),
@@ -264,7 +275,7 @@ def render_markdown(metrics: dict, gen_rows: dict, plots: dict, max_samples: int
         parts += [f"![{md_esc(t)}]({p})" for t, p in plots.items()]
     parts.append("## Samples")
     labels = metrics["models"]
-    for i in range(min(max_samples, metrics["num_prompts"])):
+    for i in sample_rows(metrics, max_samples):
         first = gen_rows[labels[0]][i]
         tags = f" ({md_text(', '.join(first['tags']))})" if first["tags"] else ""
         quoted = "<br>\n> ".join(md_text(line) for line in _prompt_text(first["messages"]).splitlines())
@@ -304,7 +315,7 @@ def render_html(metrics: dict, gen_rows: dict, plots: dict, max_samples: int) ->
     labels = metrics["models"]
     body = [
         "<h1>Model comparison</h1>",
-        f"<p>{metrics['num_prompts']} eval prompts; decoding: max_new_tokens={esc(d['max_new_tokens'])}, "
+        f"<p>{esc(prompt_count(metrics))}; decoding: max_new_tokens={esc(d['max_new_tokens'])}, "
         f"temperature={esc(d['temperature'])}, top_p={esc(d['top_p'])}, seed={esc(metrics['seed'])} "
         "(identical for every model).</p>",
         "<h2>Summary</h2>", _html_table(*model_table(metrics)),
@@ -322,7 +333,7 @@ def render_html(metrics: dict, gen_rows: dict, plots: dict, max_samples: int) ->
         body.append("<h2>Plots</h2>" + "".join(f'<figure><img src="{esc(p)}" alt="{esc(t)}"><figcaption>{esc(t)}'
                                                "</figcaption></figure>" for t, p in plots.items()))
     body.append("<h2>Samples</h2><table><tr><th>prompt</th>" + "".join(f"<th>{esc(l)}</th>" for l in labels) + "</tr>")
-    for i in range(min(max_samples, metrics["num_prompts"])):
+    for i in sample_rows(metrics, max_samples):
         first = gen_rows[labels[0]][i]
         cells = [f'<td><div class="meta">{esc(first["id"])} {esc(" ".join(first["tags"]))}</div>'
                  f'<div class="resp">{esc(_prompt_text(first["messages"]))}</div></td>']
