@@ -51,7 +51,8 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     atomic_write_json(out / SETTINGS, generation_settings(cfg, prompt_text, prompts, decoding))
     lengths = [s.num_tokens for s in samples]
     summary = {
-        "num_prompts": len(samples),
+        "num_prompts": len(samples) // inputs["compare.samples_per_prompt"],
+        "num_responses": len(samples),
         "mean_response_tokens": round(sum(lengths) / len(lengths), 2),
         "empty_responses": sum(1 for s in samples if not s.text),
         "prompt_tokens": preamble_tokens,

@@ -209,6 +209,8 @@ def test_several_responses_per_prompt(compared, tmp_path):
     m = json.loads((copy / "compare" / "metrics.json").read_text())
     assert (m["num_prompts"], m["samples_per_prompt"], m["num_responses"], m["num_harmful_prompts"]) == (4, 3, 12, 2)
     assert summary["num_prompts"] == 4
+    b = json.loads((copy / "baseline" / "summary.json").read_text())
+    assert (b["num_prompts"], b["num_responses"]) == (4, 12)
     assert m["per_model"]["baseline"]["source"].startswith("baseline stage")
     ids = [f"p{i}/{j}" for i in range(1, 5) for j in range(3)]
     for lab in m["models"]:
