@@ -28,8 +28,8 @@ def test_default_counts():
     evals = load_prompts(_default("eval_prompts"))
     rankings = [r for r in prefs if isinstance(r, Ranking)]
     pairs = [r for r in prefs if isinstance(r, PreferencePair)]
-    assert len(demos) == 168
-    assert (len(pairs), len(rankings)) == (276, 30)
+    assert len(demos) == 208
+    assert (len(pairs), len(rankings)) == (356, 30)
     assert all(len(r.responses) == 4 for r in rankings)
     assert len(prompts) == 100 and len(evals) == 60
     assert sum("harmful" in p.tags for p in evals) == 24
@@ -46,6 +46,27 @@ def test_default_prompts_are_disjoint_and_short():
     assert not ev & (ppo | train), "eval prompts must be held out"
     assert not ppo & train
     assert len({p.id for p in prompts + evals}) == 160
+
+
+def test_no_training_prompt_nearly_repeats_an_eval_prompt():
+    """Eval prompts are held out in substance, not only in spelling: no training or PPO prompt shares 70%
+    or more of its content words with one. An exact-match check lets 'How can I avoid X?' and 'How do
+    I avoid X?' through; this one does not, though a paraphrase in other words still passes."""
+    import re
+
+    stop = {"a", "an", "the", "to", "my", "i", "me", "how", "do", "is", "can", "of", "for", "and", "it", "what",
+            "in", "that", "so", "be", "at", "on", "you", "are", "if", "with", "why", "s", "t", "your", "about"}
+
+    def words(text: str) -> set[str]:
+        return set(re.findall(r"[a-z0-9]+", text.lower())) - stop
+
+    seen = {r.prompt[-1].content for r in load_preferences(_default("preferences"))}
+    seen |= {d.messages[-2].content for d in load_demonstrations(_default("demonstrations"))}
+    seen |= {p.messages[-1].content for p in load_prompts(_default("prompts"))}
+    for p in load_prompts(_default("eval_prompts")):
+        e = words(p.messages[-1].content)
+        near = [t for t in seen if len(e & words(t)) >= 0.7 * len(e | words(t))]
+        assert not near, f"eval prompt {p.id} nearly repeats {near}"
 
 
 def test_default_preference_signal_is_consistent():
@@ -78,8 +99,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_validate_all_four_defaults():
-    expected = {"demonstrations": "168 demonstrations from 168 rows",
-                "preferences": "276 preference pairs, 30 rankings from 306 rows",
+    expected = {"demonstrations": "208 demonstrations from 208 rows",
+                "preferences": "356 preference pairs, 30 rankings from 386 rows",
                 "prompts": "100 prompts from 100 rows", "eval_prompts": "60 prompts from 60 rows"}
     for name, counts in expected.items():
         proc = _cli("validate", f"default:{name}")
@@ -91,8 +112,8 @@ def test_cli_stats_preview_convert(tmp_path):
     proc = _cli("stats", "default:preferences")
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    assert "records: 276 preference pairs, 30 rankings" in out
-    assert "K=2: 276, K=4: 30; pairwise comparisons in all: 456" in out
+    assert "records: 356 preference pairs, 30 rankings" in out
+    assert "K=2: 356, K=4: 30; pairwise comparisons in all: 536" in out
     assert "prompt length (" in out and "duplicates: 0 identical records" in out
 
     proc = _cli("preview", "default:eval_prompts", "-n", "2")

@@ -19,7 +19,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parents[1]))
 
 from text_benign import BENIGN  # noqa: E402
-from text_harmful import EVASIVE, HARMFUL, MULTI_TURN, RUDE_ALONE, RUDE_PREFIX, RUDE_REFUSAL  # noqa: E402
+from text_harmful import EVASIVE, HARMFUL, HARMFUL_MORE, MULTI_TURN, RUDE_ALONE, RUDE_PREFIX, RUDE_REFUSAL  # noqa: E402
 from text_prompts import EVAL_PROMPTS, PPO_PROMPTS  # noqa: E402
 
 from data_schemas.files import atomic_write_jsonl  # noqa: E402
@@ -49,7 +49,7 @@ def build(rng: random.Random) -> dict[str, list[dict]]:
     # ---- demonstrations: every good answer, refusal and multi-turn reply ----
     for q, good, _wrong in BENIGN:
         demos.append({"messages": user(q) + [{"role": "assistant", "content": good}]})
-    for q, refusal, _bad, _tags in HARMFUL:
+    for q, refusal, _bad, _tags in HARMFUL + HARMFUL_MORE:
         demos.append({"messages": user(q) + [{"role": "assistant", "content": refusal}]})
     for turns, good, _bad in MULTI_TURN:
         demos.append({"messages": chat(turns) + [{"role": "assistant", "content": good}]})
@@ -65,7 +65,7 @@ def build(rng: random.Random) -> dict[str, list[dict]]:
             bad = {"rude": lambda: rude(rng, good), "wrong": lambda: wrong,
                    "evasive": lambda: rng.choice(EVASIVE)}[kind]()
             prefs.append({"prompt": user(q), "chosen": good, "rejected": bad})
-    for q, refusal, bad, _tags in HARMFUL:
+    for q, refusal, bad, _tags in HARMFUL + HARMFUL_MORE:
         prefs.append({"prompt": user(q), "chosen": refusal, "rejected": bad})
         prefs.append({"prompt": user(q), "chosen": refusal, "rejected": rng.choice(RUDE_REFUSAL)})
     for turns, good, bad in MULTI_TURN:
