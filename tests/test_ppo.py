@@ -25,6 +25,10 @@ TINY_PPO = {"prompts": {"source": "default:prompts", "limit": 16}, "iterations":
             "mini_batch_size": 2, "ppo_epochs": 1, "max_new_tokens": 6, "lr": 1e-4}
 # Wall-clock and throughput fields differ between runs by nature.
 TIMING_KEYS = {"time", "samples_per_s", "tokens_per_s", "generate_s", "score_s", "train_s", "iteration_s"}
+# KL between two copies of the same weights. The policy's and the reference's passes batch the same
+# tokens differently, and fp32 matrix products on an AVX2-only CPU round differently per shape: a
+# 2-core AMD EPYC gave 2.4e-7 nats where the AMX Xeon gave exactly 0. One optimiser step gives far more.
+KL_ZERO = 1e-5
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -103,7 +107,7 @@ def test_two_iterations_artifacts_training_and_frozen_reference(tmp_path, upstre
                 "clipfrac", "value_loss", "policy_loss", "approx_kl", "ratio_mean", "ratio_max", "response_length",
                 "eos_rate", "samples_per_s", "tokens_per_s", "generate_s", "score_s", "train_s"):
         assert all(math.isfinite(r[key]) for r in rows), key
-    assert rows[0]["kl"] == 0.0  # the policy starts as the reference
+    assert abs(rows[0]["kl"]) < KL_ZERO  # the policy starts as the reference
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [s["iteration"] for s in samples] == [1, 1, 2, 2]
     assert set(samples[0]) == {"iteration", "prompt", "response", "score_raw", "score", "eos"}
@@ -200,7 +204,7 @@ def test_lora_reference_is_the_adapter_disabled_policy(tmp_path, upstream, monke
     base = _unique_numel(load_causal_lm(str(upstream / "sft" / "model")))
     assert seen["adapters"] > 0 and seen["policy_storage"] == base + seen["adapters"]
     rows = _rows(run_dir)
-    assert rows[0]["kl"] == 0.0 and rows[1]["kl"] != 0.0  # LoRA B starts at 0; after an update KL moves
+    assert abs(rows[0]["kl"]) < KL_ZERO and abs(rows[1]["kl"]) > 10 * KL_ZERO  # LoRA B starts at 0; an update moves KL
     # Only the adapters train (the checkpoint holds the trainable tensors), and they moved.
     from safetensors.torch import load_file
 
