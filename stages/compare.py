@@ -82,6 +82,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
 
     # ---- resolve prompts and every model before loading any ----
     prompts = load_eval_prompts(c.prompts, c.samples_per_prompt)  # rows: each prompt samples_per_prompt times
+    num_prompts = len(prompts) // c.samples_per_prompt
     conversations = [as_chat(p.messages) for p in prompts]
     labels = unique_labels(c.models)
     paths = {lab: None if ref == BASELINE else resolve_input_model(run_dir, ref, "compare.models")
@@ -170,7 +171,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
 
     # ---- metrics ----
     lengths = {lab: np.array([s.num_tokens for s in samples[lab]], dtype=float) for lab in labels}
-    resamples = cm.resample_indices(len(prompts) // c.samples_per_prompt, c.bootstrap, cfg.seed, c.samples_per_prompt)
+    resamples = cm.resample_indices(num_prompts, c.bootstrap, cfg.seed, c.samples_per_prompt)
     lc_scores, slope = cm.length_controlled_scores(rewards, lengths)
     per_model = {}
     for lab in labels:
@@ -188,7 +189,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     judges = judge_table(judge_names, judge_paths, by_ppo, scores, labels, c, resamples, prompts, samples, human_rows)
     metrics = {
         "models": labels,
-        "num_prompts": len(prompts) // c.samples_per_prompt,
+        "num_prompts": num_prompts,
         "samples_per_prompt": c.samples_per_prompt,
         "num_responses": len(prompts),
         "num_harmful_prompts": len(harmful) // c.samples_per_prompt,
