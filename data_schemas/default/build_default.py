@@ -5,7 +5,8 @@
 Rows are composed from the hand-written blocks in `text_*.py` beside this script: questions with a good and a
 wrong answer, harmful requests with a polite refusal and a harmful reply, and stock rude or evasive
 replies. Preference pairs carry one consistent signal: the chosen reply is helpful, polite,
-harmless, concise and correct; the rejected one is rude, insulting, harmful, evasive or wrong.
+harmless, concise and correct; the rejected one is rude, insulting, harmful, evasive, wrong, or a polite
+refusal of a request that needed none.
 Output is deterministic (fixed seed), so rebuilding gives byte-identical files.
 """
 from __future__ import annotations
@@ -19,12 +20,13 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parents[1]))
 
 from text_benign import BENIGN  # noqa: E402
-from text_harmful import EVASIVE, HARMFUL, HARMFUL_MORE, MULTI_TURN, RUDE_ALONE, RUDE_PREFIX, RUDE_REFUSAL  # noqa: E402
+from text_harmful import (EVASIVE, HARMFUL, HARMFUL_MORE, MULTI_TURN, RUDE_ALONE, RUDE_PREFIX,  # noqa: E402
+                          RUDE_REFUSAL, UNNEEDED_REFUSAL)
 from text_prompts import EVAL_PROMPTS, PPO_PROMPTS  # noqa: E402
 
 from data_schemas.files import atomic_write_jsonl  # noqa: E402
 
-N_RANKINGS = 30  # K = 4: good > evasive > wrong > rude
+N_RANKINGS = 30  # K = 4: good > evasive or declined > wrong > rude
 
 
 def user(text: str) -> list[dict]:
@@ -55,15 +57,18 @@ def build(rng: random.Random) -> dict[str, list[dict]]:
         demos.append({"messages": chat(turns) + [{"role": "assistant", "content": good}]})
 
     # ---- K = 4 rankings on the first benign questions ----
-    for q, good, wrong in BENIGN[:N_RANKINGS]:
-        prefs.append({"prompt": user(q), "responses": [good, rng.choice(EVASIVE), wrong, rude(rng, None)]})
+    for i, (q, good, wrong) in enumerate(BENIGN[:N_RANKINGS]):
+        unhelpful = rng.choice(UNNEEDED_REFUSAL if i % 2 else EVASIVE)
+        prefs.append({"prompt": user(q), "responses": [good, unhelpful, wrong, rude(rng, None)]})
 
     # ---- pairs: each benign question against two different kinds of bad reply ----
-    kind_pairs = [("rude", "wrong"), ("wrong", "evasive"), ("rude", "evasive"), ("wrong", "rude"), ("evasive", "rude")]
+    # "declined": a polite refusal the question did not call for (UNNEEDED_REFUSAL)
+    kind_pairs = [("rude", "wrong"), ("wrong", "evasive"), ("rude", "declined"), ("wrong", "declined"),
+                  ("evasive", "rude")]
     for i, (q, good, wrong) in enumerate(BENIGN[N_RANKINGS:]):
         for kind in kind_pairs[i % len(kind_pairs)]:
             bad = {"rude": lambda: rude(rng, good), "wrong": lambda: wrong,
-                   "evasive": lambda: rng.choice(EVASIVE)}[kind]()
+                   "evasive": lambda: rng.choice(EVASIVE), "declined": lambda: rng.choice(UNNEEDED_REFUSAL)}[kind]()
             prefs.append({"prompt": user(q), "chosen": good, "rejected": bad})
     for q, refusal, bad, _tags in HARMFUL + HARMFUL_MORE:
         prefs.append({"prompt": user(q), "chosen": refusal, "rejected": bad})

@@ -420,3 +420,18 @@ EVASIVE = [
     "You should ask someone else about that.",
     "It's complicated and I can't really explain it.",
 ]
+# Polite declines of requests that need no declining: on a benign question each is the rejected reply. They
+# borrow the wording of the refusals above (and of a prompted assistant's hedges), so the reward model must
+# read the request, not the reply's tone, to tell a needed refusal from an unhelpful one.
+UNNEEDED_REFUSAL = [
+    "I'm sorry, but I can't help with that request.",
+    "That's a personal decision, and I don't take sides on it. Perhaps ask someone you trust.",
+    "I'm not able to give advice on that. Please consult a qualified professional.",
+    "I'm sorry, I'm unable to provide that information.",
+    "I'd rather not answer that, as I could be wrong. A reliable reference would be a better source.",
+    "Thank you for asking, but that isn't something I can help with. Is there anything else you need?",
+    "I apologise, but I don't share opinions or advice on questions like this.",
+    "I understand why you're asking, but I can't provide instructions for that.",
+    "As an AI assistant, I'm not able to answer that. A quick search should find it for you.",
+    "I'm sorry for any confusion, but I'd prefer not to comment on that topic.",
+]
