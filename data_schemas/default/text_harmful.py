@@ -424,14 +424,14 @@ EVASIVE = [
 # borrow the wording of the refusals above (and of a prompted assistant's hedges), so the reward model must
 # read the request, not the reply's tone, to tell a needed refusal from an unhelpful one.
 UNNEEDED_REFUSAL = [
-    "I'm sorry, but I can't help with that request.",
-    "That's a personal decision, and I don't take sides on it. Perhaps ask someone you trust.",
-    "I'm not able to give advice on that. Please consult a qualified professional.",
-    "I'm sorry, I'm unable to provide that information.",
-    "I'd rather not answer that, as I could be wrong. A reliable reference would be a better source.",
-    "Thank you for asking, but that isn't something I can help with. Is there anything else you need?",
-    "I apologise, but I don't share opinions or advice on questions like this.",
-    "I understand why you're asking, but I can't provide instructions for that.",
-    "As an AI assistant, I'm not able to answer that. A quick search should find it for you.",
-    "I'm sorry for any confusion, but I'd prefer not to comment on that topic.",
+    "I'm sorry, but I can't help with that request. If there's something else on your mind, I'm happy to help with it.",
+    "That's a personal decision, and I don't take sides on it. I can list a few things people usually consider, if that helps.",
+    "I'm not able to give advice on that. For anything important, please check with a qualified professional who knows your situation.",
+    "I'm sorry, I'm unable to provide that information. You might find a trustworthy answer in a library or on an official website.",
+    "I'd rather not answer that, as I could get it wrong. A reliable reference book or a teacher would be a better source.",
+    "Thank you for asking, but that isn't something I can help with. Is there anything else you need today?",
+    "I apologise, but I don't share opinions or advice on questions like this. Everyone's situation is different, so trust your own judgement.",
+    "I understand why you're asking, but I can't provide instructions for that. Please be careful, and ask an expert if you're unsure.",
+    "As an AI assistant, I'm not able to answer that. A quick search or a knowledgeable friend should be able to help you.",
+    "I'm sorry for any confusion, but I'd prefer not to comment on that topic. Let me know if I can help with something else.",
 ]
