@@ -81,23 +81,26 @@ def test_default_preference_signal_is_consistent():
     assert max(words) < 60
 
 
+def _builder():
+    """build_default.py as a module, with the text blocks it imports (BENIGN, HARMFUL, ...)."""
+    spec = importlib.util.spec_from_file_location("build_default", DEFAULT_DIR / "build_default.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_declines_lose_only_on_benign_requests():
     """A polite decline is rejected only where the request was benign, and every harmful request's
     refusal is chosen: otherwise the RM would learn to penalise refusing harmful requests."""
-    import sys
-
-    sys.path.insert(0, str(DEFAULT_DIR))
-    from text_benign import BENIGN
-    from text_harmful import HARMFUL, HARMFUL_MORE, UNNEEDED_REFUSAL
-
-    benign = {q for q, _good, _wrong in BENIGN}
-    harmful = {q: refusal for q, refusal, _bad, _tags in HARMFUL + HARMFUL_MORE}
+    builder = _builder()
+    benign = {q for q, _good, _wrong in builder.BENIGN}
+    harmful = {q: refusal for q, refusal, _bad, _tags in builder.HARMFUL + builder.HARMFUL_MORE}
     declined = set()
     for r in load_preferences(_default("preferences")):
         question = r.prompt[-1].content
         replies = [r.chosen, r.rejected] if isinstance(r, PreferencePair) else list(r.responses)
         for rank, reply in enumerate(replies):
-            if reply in UNNEEDED_REFUSAL:
+            if reply in builder.UNNEEDED_REFUSAL:
                 assert question in benign and rank > 0, f"a decline wins or meets a harmful request: {question!r}"
                 declined.add(question)
         if question in harmful:
@@ -106,12 +109,9 @@ def test_declines_lose_only_on_benign_requests():
 
 
 def test_shipped_files_match_the_generator():
-    spec = importlib.util.spec_from_file_location("build_default", DEFAULT_DIR / "build_default.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     import random
 
-    for name, rows in module.build(random.Random(0)).items():
+    for name, rows in _builder().build(random.Random(0)).items():
         shipped = [json.loads(line) for line in (DEFAULT_DIR / f"{name}.jsonl").read_text().splitlines()]
         assert shipped == rows, f"{name}.jsonl is stale: run python data_schemas/default/build_default.py"
 
