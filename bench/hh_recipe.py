@@ -78,7 +78,7 @@ def main() -> int:
                      ("eval_accuracy", "eval_margin", "eval_groups", "train_groups", "eval_source")},
         "lead_judge": metrics["lead_judge"],
         "judges": [{k: j[k] for k in ("name", "role", "mean_reward", "optimised_by_ppo")} |
-                   {"win": {a: {b: j["win_rates"][a][b]["win"] for b in j["win_rates"][a] if b != a}
+                   {"win": {a: {b: j["win_rates"][a][b]["rate"] for b in j["win_rates"][a] if b != a}
                             for a in j["win_rates"]},
                     "ci95": {a: {b: [j["win_rates"][a][b].get("ci_low"), j["win_rates"][a][b].get("ci_high")]
                                  for b in j["win_rates"][a] if b != a} for a in j["win_rates"]}}

@@ -330,11 +330,11 @@ def headline(metrics: dict) -> dict:
     for a in range(len(labels)):
         for b in range(a):
             i, j = labels[a], labels[b]
-            out[f"win_rate_{i}_vs_{j}"] = round(metrics["win_rates"][i][j]["win"], 4)
-            out[f"lc_win_rate_{i}_vs_{j}"] = round(metrics["length_controlled_win_rates"][i][j]["win"], 4)
+            out[f"win_rate_{i}_vs_{j}"] = round(metrics["win_rates"][i][j]["rate"], 4)
+            out[f"lc_win_rate_{i}_vs_{j}"] = round(metrics["length_controlled_win_rates"][i][j]["rate"], 4)
             for judge in metrics.get("judges", []):
                 if judge["name"] != metrics["lead_judge"]:
-                    out[f"judge_{judge['name']}_win_rate_{i}_vs_{j}"] = round(judge["win_rates"][i][j]["win"], 4)
+                    out[f"judge_{judge['name']}_win_rate_{i}_vs_{j}"] = round(judge["win_rates"][i][j]["rate"], 4)
             human = (metrics.get("human") or {}).get("win_rates", {}).get(i, {}).get(j)
             if human and human["win"] is not None:
                 out[f"human_win_rate_{i}_vs_{j}"] = round(human["win"], 4)

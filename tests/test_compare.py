@@ -24,12 +24,15 @@ def test_win_rate_table_is_antisymmetric_with_ties():
               "c": np.array([0.0, 5.0, 3.0, 1.0])}
     t = cm.win_rate_table(scores, 1e-6, cm.resample_indices(4, 200, 0))
     assert t["a"]["b"]["win"] == 0.25 and t["a"]["b"]["tie"] == 0.5 and t["b"]["a"]["win"] == 0.25
+    assert t["a"]["b"]["rate"] == 0.5  # a tie counts half: 0.25 + 0.5 / 2
+    assert t["a"]["c"]["rate"] == 0.375 and t["c"]["a"]["rate"] == 0.625  # d = [1, -3, 0, -1]
     for i in scores:
         for j in scores:
             if i != j:
                 assert t[i][j]["win"] + t[j][i]["win"] + t[i][j]["tie"] == pytest.approx(1.0)
                 assert t[i][j]["tie"] == t[j][i]["tie"]
-                assert 0 <= t[i][j]["ci_low"] <= t[i][j]["win"] <= t[i][j]["ci_high"] <= 1
+                assert t[i][j]["rate"] + t[j][i]["rate"] == pytest.approx(1.0)
+                assert 0 <= t[i][j]["ci_low"] <= t[i][j]["rate"] <= t[i][j]["ci_high"] <= 1
 
 
 def test_bootstrap_is_seeded_and_optional():
@@ -38,6 +41,14 @@ def test_bootstrap_is_seeded_and_optional():
     assert a == cm.bootstrap_win_ci(d, 0.0, cm.resample_indices(6, 300, 7))
     assert a[0] < 4 / 6 < a[1]
     assert cm.bootstrap_win_ci(d, 0.0, cm.resample_indices(6, 0, 7)) == (None, None)
+
+
+def test_bootstrap_interval_counts_ties_half():
+    # Identical answers every time: a 50% win rate with no spread, not 0%.
+    assert cm.bootstrap_win_ci(np.zeros(5), 1e-6, cm.resample_indices(5, 100, 0)) == (0.5, 0.5)
+    # One win, one tie: every resample's rate is 1, 0.75 or 0.5.
+    lo, hi = cm.bootstrap_win_ci(np.array([1.0, 0.0]), 1e-6, cm.resample_indices(2, 400, 0))
+    assert (lo, hi) == (0.5, 1.0)
 
 
 def test_cluster_bootstrap_takes_all_of_a_prompts_responses():
@@ -144,7 +155,8 @@ def test_compare_reports_every_metric(compared):
                     cell = m[key][i][j]
                     assert 0 <= cell["ci_low"] <= cell["ci_high"] <= 1
                     assert cell["win"] + m[key][j][i]["win"] + cell["tie"] == pytest.approx(1.0)
-    assert summary["win_rate_ppo_vs_baseline"] == pytest.approx(m["win_rates"]["ppo"]["baseline"]["win"], abs=1e-4)
+                    assert cell["rate"] == pytest.approx(cell["win"] + cell["tie"] / 2)
+    assert summary["win_rate_ppo_vs_baseline"] == pytest.approx(m["win_rates"]["ppo"]["baseline"]["rate"], abs=1e-4)
     assert {"mean_reward_ppo", "kl_ppo", "offensive_rate_baseline"} <= set(summary)
     assert json.loads((run / "compare" / "summary.json").read_text()) == summary
 

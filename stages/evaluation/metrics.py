@@ -3,6 +3,8 @@ tested against hand-computed values.
 
 Conventions: `scores[m]` is a (N,) array of reward-model scores of model m's responses to the same
 N prompts, in the same order; a pair of responses whose scores differ by at most `eps` is a tie.
+A win rate counts a tie as half a win (as AlpacaEval and MT-Bench's pairwise judging do), so the
+rates of i over j and of j over i add up to 1; the tie share is reported beside it.
 """
 from __future__ import annotations
 
@@ -26,19 +28,21 @@ def outcome_rates(diff: np.ndarray, eps: float) -> tuple[float, float, float]:
 
 def bootstrap_win_ci(diff: np.ndarray, eps: float, resample_idx: np.ndarray | None,
                      level: float = 0.95) -> tuple[float | None, float | None]:
-    """Percentile interval of the win rate when prompts are resampled with replacement.
+    """Percentile interval of the win rate (ties half) when prompts are resampled with replacement.
     `resample_idx` is (B, N): the same resamples are used for every pair, so intervals are comparable."""
     if resample_idx is None or len(resample_idx) == 0 or len(diff) == 0:
         return None, None
-    wins = np.mean(diff[resample_idx] > eps, axis=1)
+    resampled = diff[resample_idx]
+    wins = np.mean(resampled > eps, axis=1) + 0.5 * np.mean(np.abs(resampled) <= eps, axis=1)
     tail = (1.0 - level) / 2 * 100
     lo, hi = np.percentile(wins, [tail, 100 - tail])
     return float(lo), float(hi)
 
 
 def win_rate_table(scores: dict[str, np.ndarray], eps: float, resample_idx: np.ndarray | None = None) -> dict:
-    """{i: {j: {win, tie, loss, ci_low, ci_high}}} for every ordered pair i != j.
-    By construction win_ij + tie_ij + win_ji = 1 and tie_ij = tie_ji."""
+    """{i: {j: {rate, win, tie, loss, ci_low, ci_high}}} for every ordered pair i != j: `rate` is the win
+    rate (wins + ties/2) and [ci_low, ci_high] its interval; win/tie/loss are the plain fractions.
+    By construction rate_ij + rate_ji = 1, win_ij + tie_ij + win_ji = 1 and tie_ij = tie_ji."""
     table: dict[str, dict] = {}
     for i in scores:
         table[i] = {}
@@ -48,7 +52,7 @@ def win_rate_table(scores: dict[str, np.ndarray], eps: float, resample_idx: np.n
             d = np.asarray(scores[i], dtype=float) - np.asarray(scores[j], dtype=float)
             win, tie, loss = outcome_rates(d, eps)
             lo, hi = bootstrap_win_ci(d, eps, resample_idx)
-            table[i][j] = {"win": win, "tie": tie, "loss": loss, "ci_low": lo, "ci_high": hi}
+            table[i][j] = {"rate": win + tie / 2, "win": win, "tie": tie, "loss": loss, "ci_low": lo, "ci_high": hi}
     return table
 
 

@@ -42,7 +42,7 @@ def fmt(x, digits: int = 3) -> str:
 
 
 def pct_ci(cell: dict) -> str:
-    s = f"{100 * cell['win']:.0f}%"
+    s = f"{100 * cell['rate']:.0f}%"
     if cell.get("ci_low") is not None:
         s += f" [{100 * cell['ci_low']:.0f}, {100 * cell['ci_high']:.0f}]"
     if cell["tie"] > 0:
@@ -119,7 +119,7 @@ def make_plots(out: Path, metrics: dict, gen_rows: dict, ppo_rows: list[dict]) -
     # win-rate matrix heatmap
     if len(labels) > 1:
         n = len(labels)
-        grid = [[math.nan if i == j else metrics["win_rates"][a][b]["win"] for j, b in enumerate(labels)]
+        grid = [[math.nan if i == j else metrics["win_rates"][a][b]["rate"] for j, b in enumerate(labels)]
                 for i, a in enumerate(labels)]
         fig, ax = plt.subplots(figsize=(1.2 * n + 2, 1.0 * n + 1.5))
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn")
@@ -213,7 +213,7 @@ def explanations(metrics: dict) -> list[str]:
              "model, not a person")
     return [
         f"**RM win rate** is judged by {judge}. A win means a higher score on the same prompt; scores within "
-        f"{metrics['tie_epsilon']:g} are ties. Brackets: 95% bootstrap interval over prompts "
+        f"{metrics['tie_epsilon']:g} are ties, which count half (their share is shown where there are any). Brackets: 95% bootstrap interval over prompts "
         f"({metrics['bootstrap_resamples']} resamples). **Judges** lists every judge; **Human labels**, when "
         "given, are the ones that matter (InstructGPT and Dialogue-Prompted Gopher were judged by people).",
         "**Length control**: " + n["length_control"]
