@@ -1,5 +1,6 @@
 """Generation throughput of the rollout path: `stages.modeling.generation.generate` (batched, left-padded,
-KV-cached) against plain Hugging Face `generate`, batched and one prompt at a time.
+KV-cached, and on an fp32 CPU model with packed Linear weights) against the same with packing off
+(`RLHF_PACKED_LINEAR=0`) and plain Hugging Face `generate`, batched and one prompt at a time.
 
     python -m bench.bench_generate                    # SmolLM2-135M, batch 8, 32 and 64 new tokens
     python -m bench.bench_generate --device cuda --dtype bf16
@@ -12,6 +13,7 @@ little, so compare tokens/s there, not s/batch).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -27,6 +29,7 @@ def variants(model, tok, texts: list[str], new_tokens: int, temperature: float):
     import torch
 
     from stages.modeling.generation import generate
+    from stages.modeling.packed import ENV
     from stages.modeling.tensors import mask_after_eos
 
     sample = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else dict(do_sample=False)
@@ -35,6 +38,13 @@ def variants(model, tok, texts: list[str], new_tokens: int, temperature: float):
     def ours():
         resp = generate(model, tok, texts, max_new_tokens=new_tokens, temperature=temperature, top_p=1.0).response
         return _count_generated(resp, tok.pad_token_id)
+
+    def ours_unpacked():
+        before, os.environ[ENV] = os.environ.get(ENV), "0"
+        try:
+            return ours()
+        finally:
+            os.environ.pop(ENV) if before is None else os.environ.__setitem__(ENV, before)
 
     def hf_batched():
         tok.padding_side = "left"
@@ -53,7 +63,8 @@ def variants(model, tok, texts: list[str], new_tokens: int, temperature: float):
             n += out.shape[1] - enc["input_ids"].shape[1]
         return n
 
-    return {"ours: stages.modeling.generation.generate (batched)": ours, "HF generate, batched": hf_batched,
+    return {"ours: stages.modeling.generation.generate (batched)": ours,
+            f"ours with {ENV}=0 (no packed weights)": ours_unpacked, "HF generate, batched": hf_batched,
             "HF generate, one prompt at a time": hf_per_sample}
 
 

@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,6 +18,7 @@ def test_prepared_default_model_loads_offline_and_answers(tmp_path):
     assert (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists()
     assert not list(folder.glob("*.bin")) and not list(folder.glob("*.gguf"))
     script = f"""
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 tok = AutoTokenizer.from_pretrained({str(folder)!r})
@@ -110,3 +112,87 @@ def test_ppo_forward_passes_run_packed_with_the_padded_layouts_results(tiny_mode
     assert torch.allclose(scores, scores_p, atol=1e-5)
     for a, b in zip(grads, grads_p):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-3)
+
+
+# ---- packed Linear weights for fp32 CPU generation (stages.modeling.packed) ----
+
+def _tiny_lm(tiny_model_dir):
+    from stages.modeling.loading import load_causal_lm
+
+    return load_causal_lm(str(tiny_model_dir), "fp32").eval()
+
+
+def test_packed_linears_compute_what_plain_linears_do_and_leave_nothing_behind(tiny_model_dir, monkeypatch):
+    import copy
+
+    from stages.modeling import packed
+
+    monkeypatch.delenv(packed.ENV, raising=False)
+    lm = _tiny_lm(tiny_model_dir).requires_grad_(False)
+    if not packed.applies(lm):
+        pytest.skip("torch here lacks oneDNN's packed linear ops")
+    linears = [m for m in lm.modules() if type(m) is torch.nn.Linear]
+    ids = torch.randint(0, lm.config.vocab_size, (3, 11))
+    with torch.no_grad():
+        plain = lm(ids).logits
+        calls = []
+        monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise",
+                            lambda *a, _f=torch.ops.mkldnn._linear_pointwise: calls.append(1) or _f(*a))
+        with packed.packed_linears(lm, rows_hint=3):
+            inside = lm(ids).logits
+            copy.deepcopy(lm)  # a packed (opaque) copy must not be reachable from the model
+    assert len(calls) == len(linears)  # every Linear took the packed path, once
+    assert torch.allclose(inside, plain, atol=1e-4) and not torch.equal(inside, torch.zeros_like(inside))
+    assert all("forward" not in m.__dict__ for m in linears)  # restored to nn.Linear.forward
+    with torch.no_grad():
+        assert torch.equal(lm(ids).logits, plain)
+
+
+def test_packed_linears_repack_a_trainable_weight_changed_in_place(tiny_model_dir):
+    from stages.modeling import packed
+
+    lm = _tiny_lm(tiny_model_dir)
+    if not packed.applies(lm):
+        pytest.skip("torch here lacks oneDNN's packed linear ops")
+    ids = torch.randint(0, lm.config.vocab_size, (2, 7))
+    head = lm.get_output_embeddings()
+    with torch.no_grad(), packed.packed_linears(lm):
+        before = lm(ids).logits
+    with torch.no_grad():
+        head.weight.data.mul_(2.0)  # like the fused AdamW kernel: in place, version counter untouched
+        expected = lm(ids).logits
+    with torch.no_grad(), packed.packed_linears(lm):
+        after = lm(ids).logits
+    assert not torch.allclose(after, before, atol=1e-3)
+    assert torch.allclose(after, expected, atol=1e-4)
+
+
+def test_packed_linears_stay_off_when_disabled_or_under_autocast(tiny_model_dir, monkeypatch):
+    from stages.modeling import packed
+
+    lm = _tiny_lm(tiny_model_dir)
+    monkeypatch.setenv(packed.ENV, "0")
+    assert not packed.applies(lm)
+    monkeypatch.delenv(packed.ENV)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not packed.applies(lm)
+    bf16 = _tiny_lm(tiny_model_dir).to(torch.bfloat16)
+    assert not packed.applies(bf16)
+
+
+def test_nucleus_filter_keeps_what_transformers_top_p_keeps():
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    from stages.modeling.generation import NucleusFilter
+
+    g = torch.Generator().manual_seed(0)
+    peaked = torch.randn(6, 5000, generator=g) * 10  # the nucleus lies within the 256 candidates
+    flat = torch.randn(3, 5000, generator=g) * 0.1  # it does not: these rows take the full sort
+    scores = torch.cat([peaked, flat])
+    for temperature, top_p in [(0.7, 0.9), (1.0, 0.5), (1.3, 0.95)]:
+        ours = NucleusFilter(top_p, temperature, candidates=256)(None, scores.clone())
+        theirs = TopPLogitsWarper(top_p)(None, TemperatureLogitsWarper(temperature)(None, scores.clone()))
+        assert torch.equal(torch.isinf(ours), torch.isinf(theirs)), (temperature, top_p)
+        kept = ~torch.isinf(ours)
+        assert torch.equal(ours[kept], scores[kept])  # unscaled: generate's temperature warper follows
+        assert kept[:6].sum(1).max() < 256 and kept[6:].sum(1).min() > 256  # both paths were taken
