@@ -5,7 +5,7 @@ model. torch's default CPU path (MKL sgemm) re-packs each weight into its blocke
 such call, so a step costs several reads of the whole model. oneDNN's linear with a weight packed in
 advance skips that, as torch.compile's CPU freezing does. Measured on a 2-core AMD EPYC (AVX2 only),
 SmolLM2-135M in fp32, 2 threads: one decoding step of 8 rows 0.22 s -> 0.15 s, and 60 answers of 48
-tokens sampled 30 at a time 51 s -> 42 s (`bench/bench_generate.py --packed` has the side-by-side).
+tokens sampled 30 at a time 51 s -> 42 s (`bench/bench_generate.py` runs it beside packing off).
 
 `packed_linears(model)` is a context for generation only (no autograd): inside it every plain
 `nn.Linear` of the model runs on its packed weight; outside, nothing has changed. A trainable weight
@@ -13,9 +13,9 @@ is packed afresh on entering the context (~0.6 s for all of SmolLM2), since an o
 change it in place without a trace (the fused AdamW kernel leaves the version counter alone); a
 frozen weight's packed copy is kept, outside the module so copying or saving the model never sees it.
 
-It applies only where it is known to help and to be exact to fp32 rounding: a CPU model computing in
-fp32 (under bf16 autocast the matmuls already take the bf16 kernels), with ordinary (not sharded)
-weights, and torch built with the oneDNN ops. `RLHF_PACKED_LINEAR=0` turns it off.
+It applies only to a CPU model computing in fp32 (under bf16 autocast the matmuls already take the
+bf16 kernels), with ordinary (not sharded) weights, and torch built with the oneDNN ops; results
+equal the unpacked path's to fp32 rounding. `RLHF_PACKED_LINEAR=0` turns it off.
 """
 from __future__ import annotations
 
