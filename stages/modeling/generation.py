@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
 
 from stages.modeling.packed import packed_linears
 from stages.modeling.tensors import entropy_from_logits, logprobs_from_logits, mask_after_eos
@@ -37,16 +37,9 @@ class NucleusFilter(LogitsProcessor):
         keep[:, 0] = True
         drop = torch.ones_like(scores, dtype=torch.bool).scatter_(1, idx, ~keep)
         short = cum[:, -1] < self.top_p + 1e-4  # the nucleus may reach past the candidates
-        if short.any():
-            drop[short] = self._full_sort_drop(scaled[short])
+        if short.any():  # transformers' own full-sort filter for these rows
+            drop[short] = TopPLogitsWarper(self.top_p, filter_value=-float("inf"))(input_ids, scaled[short]).isneginf()
         return scores.masked_fill(drop, -float("inf"))
-
-    def _full_sort_drop(self, scaled: torch.Tensor) -> torch.Tensor:
-        """transformers' TopPLogitsWarper mask (min_tokens_to_keep 1) for these rows."""
-        ascending, order = torch.sort(scaled, descending=False)
-        remove = ascending.softmax(-1).cumsum(-1) <= (1 - self.top_p)
-        remove[..., -1:] = False
-        return remove.scatter(1, order, remove)
 
 
 def generate_kwargs(tokenizer, *, max_new_tokens: int, temperature: float, top_p: float,
