@@ -159,9 +159,10 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     for name in judge_names:
         rm, rm_tok = load_judge(judge_paths[name], cfg)
         with autocast(cfg.precision, rm.device):
-            scores[name] = {lab: np.array(reward_model_judge(rm, rm_tok, conversations, [s.text for s in samples[lab]],
-                                                             c.decoding.batch_size, max_length(cfg)))
-                         for lab in labels}
+            judged = reward_model_judge(rm, rm_tok, conversations,
+                                        {lab: [s.text for s in samples[lab]] for lab in labels},
+                                        c.decoding.batch_size, max_length(cfg))
+        scores[name] = {lab: np.array(judged[lab]) for lab in labels}
         del rm
     rewards = scores[lead]
 
@@ -266,8 +267,9 @@ def best_of_n(cfg: RunConfig, run_dir: Path, conversations, proxy: str | None, m
     responder.close()
     rm, rm_tok = load_judge(proxy, cfg)
     with autocast(cfg.precision, rm.device):
-        scored = [reward_model_judge(rm, rm_tok, conversations, [s.text for s in cand], c.decoding.batch_size, max_len)
-                  for cand in candidates]
+        judged = reward_model_judge(rm, rm_tok, conversations, {k: [s.text for s in cand] for k, cand in
+                                                                enumerate(candidates)}, c.decoding.batch_size, max_len)
+        scored = [judged[k] for k in range(len(candidates))]
     del rm
     best = np.argmax(np.array(scored), axis=0)
     return [candidates[int(k)][i] for i, k in enumerate(best)]

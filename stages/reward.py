@@ -32,11 +32,11 @@ from stages.core.run_folder import resolve_input_model, stage_dir, write_stage_c
 from stages.core.runtime import make_accelerator, resolved
 from stages.core.sharding import refuse_unsupported
 from stages.modeling.chat_format import render_prompts
-from stages.modeling.reward_scoring import packed_scores, padded_scores, reply_rows
-from stages.modeling.tensors import common_prefix, pad_rows, shared_prefix_mask, shared_start_layout
+from stages.modeling.reward_scoring import pack_reply_groups, packed_scores, padded_scores, reply_rows
+from stages.modeling.tensors import pad_rows
 from stages.modeling.trainable import apply_lora, freeze_lower_layers
 from stages.rl.preference_loss import group_comparisons, grouped_bt_loss, pair_gaps, preference_metrics
-from stages.training.data_order import chunks, eval_shard, pack_examples, split_items
+from stages.training.data_order import chunks, eval_shard, split_items
 from stages.training.export import export_trained
 from stages.training.loop import Batch, LossOut, fit, run_facts
 
@@ -83,32 +83,8 @@ def collate_groups(groups, pad_id: int, padding_free: bool = False) -> Batch:
         ids, mask = pad_rows(rows, pad_id)
         return Batch({"input_ids": ids, "attention_mask": mask, "comps": comps, "num_tokens": int(mask.sum())},
                      count=len(groups))
-    prefixes = [common_prefix(g) for g, _ in groups]
-    sizes = [p + sum(len(r) - p for r in g) for (g, _), p in zip(groups, prefixes)]
-    bins = pack_examples(sizes, max(sizes))
-    width = max(sum(sizes[j] for j in b) for b in bins)
-    ids = torch.full((len(bins), width), pad_id)
-    pos = torch.zeros((len(bins), width), dtype=torch.long)
-    seg = torch.zeros((len(bins), width), dtype=torch.long)  # within a group: 0 = its prompt, i = reply i
-    grp = torch.zeros((len(bins), width), dtype=torch.long)  # group of each position, 0 = the row's tail
-    ends = torch.zeros(len(rows), dtype=torch.long)
-    first = [0]  # index of each group's first reply among all R
-    for g, _ in groups:
-        first.append(first[-1] + len(g))
-    for k, b in enumerate(bins):
-        at = 0
-        for j in b:
-            g, p = groups[j][0], prefixes[j]
-            laid_ids, laid_pos, laid_seg, starts = shared_start_layout(g, p)
-            span = slice(at, at + sizes[j])
-            ids[k, span], pos[k, span], seg[k, span] = (torch.tensor(x) for x in (laid_ids, laid_pos, laid_seg))
-            grp[k, span] = j + 1
-            for i, (r, start) in enumerate(zip(g, starts)):
-                ends[first[j] + i] = k * width + at + start + len(r) - p - 1
-            at += sizes[j]
-        pos[k, at:] = torch.arange(width - at)
-    return Batch({"input_ids": ids, "position_ids": pos, "attention_mask": shared_prefix_mask(seg, grp), "ends": ends,
-                  "comps": comps, "num_tokens": sum(len(r) for r in rows)}, count=len(groups))
+    packed = pack_reply_groups([g for g, _ in groups], pad_id)
+    return Batch({**packed, "comps": comps, "num_tokens": sum(len(r) for r in rows)}, count=len(groups))
 
 
 def batch_tokens(batch: Batch) -> int:

@@ -23,9 +23,10 @@ from stages.core.run_folder import stage_dir, write_stage_config
 from stages.core.runtime import make_accelerator, resolved
 from stages.core.sharding import refuse_unsupported
 from stages.modeling.chat_format import IGNORE, tokenize_demonstration
-from stages.modeling.tensors import attention_bias, common_prefix, pad_rows, shared_prefix_mask, shared_start_layout
+from stages.modeling.tensors import (attention_bias, common_prefix, pack_examples, pad_rows, shared_prefix_mask,
+                                     shared_start_layout)
 from stages.modeling.trainable import apply_lora
-from stages.training.data_order import chunks, eval_shard, pack_examples, split_items
+from stages.training.data_order import chunks, eval_shard, split_items
 from stages.training.export import export_trained
 from stages.training.loop import Batch, LossOut, fit, run_facts
 

@@ -133,6 +133,77 @@ def test_generation_logprobs_equal_a_separate_scoring_pass(tiny_model_dir):
     assert all(s.logprob_sum is None for s in bot.sample([PROMPTS[0]["messages"]]))
 
 
+def test_grouped_judging_gives_each_reply_the_score_it_gets_alone(compared):
+    """compare scores all models' replies to a prompt as one packed group (the prompt once, several
+    groups per row, identical rows once). Each score must be the one the RM gives that reply's row
+    alone, padded as the reward stage's `padded_scores` reads it: prompts of different lengths, a
+    prompt long enough to be cut, an empty reply, and passes small enough that groups split across
+    them. Identical replies to one prompt must tie exactly."""
+    import torch
+
+    from stages.evaluation.judges import reward_model_judge
+    from stages.modeling.chat_format import render_prompts
+    from stages.modeling.loading import load_reward_model, load_tokenizer
+    from stages.modeling.reward_scoring import padded_scores, reply_rows
+    from stages.modeling.tensors import pad_rows
+
+    run, _, _ = compared
+    path = str(run / "reward" / "model")
+    tok = load_tokenizer(path)
+    rm = load_reward_model(path, "fp32", pad_token_id=tok.pad_token_id).eval()
+    conversations = [[{"role": "user", "content": "How do I boil an egg?"}],
+                     [{"role": "user", "content": "Tell me about rivers. " * 30}],
+                     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                      {"role": "user", "content": "What is 2+2?"}]]
+    responses = {"a": ["Boil it for eight minutes, then cool it in cold water.", "Rivers flow.", "4"],
+                 "b": ["Boil it for eight minutes, then cool it in cold water.", "", "It is four, of course."],
+                 "c": ["Put it in water.", "Rivers carry water to the sea, and shape the land they cross.", "4"]}
+    max_length = 64
+    prompts = render_prompts(tok, conversations)
+    alone = {}
+    for label, texts in responses.items():
+        rows = [reply_rows(tok, p, [t], max_length)[0] for p, t in zip(prompts, texts)]
+        with torch.no_grad():
+            alone[label] = [padded_scores(rm, *pad_rows([r], tok.pad_token_id)).item() for r in rows]
+    assert len(reply_rows(tok, prompts[1], [""], max_length)[0]) == max_length  # the long prompt is cut
+    for batch_size in (8, 1):  # one pass; passes of ~128 tokens, so groups are split across them
+        judged = reward_model_judge(rm, tok, conversations, responses, batch_size, max_length)
+        for label in responses:
+            assert judged[label] == pytest.approx(alone[label], abs=1e-4)
+        assert judged["a"][0] == judged["b"][0] and judged["a"][2] == judged["c"][2]  # same reply: an exact tie
+    assert len({round(x, 4) for xs in alone.values() for x in xs}) == 7  # distinct replies score apart
+
+
+def test_reference_logprob_sums_equal_each_row_scored_alone(tiny_model_dir):
+    """The KL pass reads log p(response) the way PPO scores rollouts (left-padded prompts, packed, the
+    vocabulary projection at response positions only). Each sum must be the one a full forward pass of
+    that row alone gives, for prompts and responses of different lengths, an empty response (0), and
+    passes split by batch size."""
+    import torch
+
+    from stages.evaluation.judges import response_logprob_sums
+    from stages.evaluation.responders import Sample
+    from stages.modeling.loading import load_causal_lm, load_tokenizer
+    from stages.modeling.tensors import logprobs_from_logits
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    model = load_causal_lm(str(tiny_model_dir), "fp32").eval()
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    samples = [Sample("", 0, ids("System. User: boil an egg?"), ids("Eight minutes.") + [tok.eos_token_id]),
+               Sample("", 0, ids("System. User: hi"), ids("Hello there, how can I help you today?")),
+               Sample("", 0, ids("System. User: a much longer question about rivers and seas"), []),
+               Sample("", 0, ids("System."), ids("Yes") + [tok.eos_token_id])]
+    expected = []
+    for s in samples:
+        row = torch.tensor([s.prompt_ids + s.response_ids])
+        with torch.no_grad():
+            logp = logprobs_from_logits(model(input_ids=row).logits[:, :-1], row[:, 1:])
+        expected.append(float(logp[0, len(s.prompt_ids) - 1:].sum()))
+    assert expected[2] == 0.0
+    for batch_size in (4, 3, 1):
+        assert response_logprob_sums(model, samples, tok.pad_token_id, batch_size) == pytest.approx(expected, abs=1e-4)
+
+
 def test_compare_reports_every_metric(compared):
     run, m, summary = compared
     assert m["models"] == ["baseline", "sft", "ppo"] and m["num_prompts"] == 4 and m["num_harmful_prompts"] == 2

@@ -71,7 +71,7 @@ def test_ppo_forward_passes_run_packed_with_the_padded_layouts_results(tiny_mode
     from stages.modeling.loading import TINY_MODEL, load_causal_lm, load_reward_model, load_tokenizer
     from stages.modeling.reward_scoring import ValueModel, last_token_scores
     from stages.modeling.tensors import logprobs_from_logits, pack_left_padded, pad_rows
-    from stages.rl.ppo_models import policy_logits
+    from stages.modeling.tensors import policy_logits
 
     tok = load_tokenizer(TINY_MODEL)
     texts = render_prompts(tok, [[{"role": "user", "content": q}] for q in

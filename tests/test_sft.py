@@ -49,7 +49,7 @@ def test_targets_are_assistant_tokens_only(tiny_model_dir):
 
 
 def test_pack_examples_never_overflows():
-    from stages.training.data_order import pack_examples
+    from stages.modeling.tensors import pack_examples
 
     lengths = [70, 60, 50, 40, 30, 20, 10]
     bins = pack_examples(lengths, 100)

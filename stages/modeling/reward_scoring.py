@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 
 from stages.core.errors import StageError
-from stages.modeling.tensors import attention_bias, pack_left_padded
+from stages.modeling.tensors import (attention_bias, common_prefix, pack_examples, pack_left_padded,
+                                     shared_prefix_mask, shared_start_layout)
 from stages.modeling.trainable import peft_base
 
 
@@ -68,6 +69,79 @@ def packed_scores(model, input_ids, position_ids, ends, attention_mask=None) -> 
     finally:
         hook.remove()
     return per_token[-1].flatten(0, 1)[ends, 0].float()
+
+
+def laid_out_size(group: list[list[int]], shared: int) -> int:
+    """Tokens a group of rows takes laid out with its first `shared` tokens once."""
+    return shared + sum(len(r) - shared for r in group)
+
+
+def pack_reply_groups(groups: list[list[list[int]]], pad_id: int, width: int = 0) -> dict[str, torch.Tensor]:
+    """Groups of token rows (the rows of a group: one prompt, each followed by its own reply) laid out
+    padding-free, prefix-shared: -> input_ids, position_ids (K, W), attention_mask (K, 1, W, W) bool and
+    ends (R,), R = all rows of all groups in order.
+
+    A group is laid out once as its rows' common start followed by each row's own tokens, and groups
+    are bin-packed, whole, into K rows no longer than the longest group or `width` (W). The mask lets each reply see
+    the prompt and its own earlier tokens, not the other replies or other groups; each reply's positions
+    continue from the prompt's, so every reply is computed as if it sat alone after the prompt (tested
+    equal to the padded layout), while the prompt is computed once per group, not once per reply. A
+    row's unused tail is a segment of its own. ends[r]: the flat index (row·W + column) of row r's last
+    token, where its score is read (`packed_scores`)."""
+    prefixes = [common_prefix(g) for g in groups]
+    sizes = [laid_out_size(g, p) for g, p in zip(groups, prefixes)]
+    bins = pack_examples(sizes, max(max(sizes), width))
+    width = max(sum(sizes[j] for j in b) for b in bins)
+    ids = torch.full((len(bins), width), pad_id)
+    pos = torch.zeros((len(bins), width), dtype=torch.long)
+    seg = torch.zeros((len(bins), width), dtype=torch.long)  # within a group: 0 = its prompt, i = reply i
+    grp = torch.zeros((len(bins), width), dtype=torch.long)  # group of each position, 0 = the row's tail
+    first = [0]  # index of each group's first row among all R
+    for g in groups:
+        first.append(first[-1] + len(g))
+    ends = torch.zeros(first[-1], dtype=torch.long)
+    for k, b in enumerate(bins):
+        at = 0
+        for j in b:
+            g, p = groups[j], prefixes[j]
+            laid_ids, laid_pos, laid_seg, starts = shared_start_layout(g, p)
+            span = slice(at, at + sizes[j])
+            ids[k, span], pos[k, span], seg[k, span] = (torch.tensor(x) for x in (laid_ids, laid_pos, laid_seg))
+            grp[k, span] = j + 1
+            for i, (r, start) in enumerate(zip(g, starts)):
+                ends[first[j] + i] = k * width + at + start + len(r) - p - 1
+            at += sizes[j]
+        pos[k, at:] = torch.arange(width - at)
+    return {"input_ids": ids, "position_ids": pos, "attention_mask": shared_prefix_mask(seg, grp), "ends": ends}
+
+
+def grouped_scores(model, groups: list[list[list[int]]], pad_id: int, max_tokens: int,
+                   width: int = 0) -> list[list[float]]:
+    """The scores of groups of rows, computed packed (`pack_reply_groups`, rows of at least `width`)
+    in passes of about `max_tokens` laid-out tokens (a group larger than that gets a pass of its own):
+    each group's shared prompt once, and padding only at the rows' ends. -> one list of scores per
+    group, in row order."""
+    device = next(model.parameters()).device
+    sizes = [laid_out_size(g, common_prefix(g)) for g in groups]
+    passes: list[list[int]] = [[]]
+    used = 0
+    for j, n in enumerate(sizes):
+        if passes[-1] and used + n > max_tokens:
+            passes.append([])
+            used = 0
+        passes[-1].append(j)
+        used += n
+    out: list[list[float]] = [[] for _ in groups]
+    for js in passes:
+        t = pack_reply_groups([groups[j] for j in js], pad_id, width)
+        with torch.no_grad():
+            flat = packed_scores(model, t["input_ids"].to(device), t["position_ids"].to(device), t["ends"].to(device),
+                                 t["attention_mask"].to(device)).tolist()
+        at = 0
+        for j in js:
+            out[j] = flat[at:at + len(groups[j])]
+            at += len(groups[j])
+    return out
 
 
 def normalised(scores: torch.Tensor, stats: dict | None) -> torch.Tensor:

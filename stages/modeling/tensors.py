@@ -1,6 +1,7 @@
 """Small tensor chores every stage needs, written once: padding token lists into a batch, the
-"through the first EOS" mask, log-probs and entropy from logits, and the packed layouts that compute
-a batch's shared start once (common_prefix, shared_start_layout, shared_prefix_mask, pack_left_padded).
+"through the first EOS" mask, log-probs and entropy from logits, the packed layouts that compute
+a batch's shared start once (common_prefix, shared_start_layout, shared_prefix_mask, pack_left_padded,
+and `policy_logits`, which runs a batch that way), and bin-packing examples into rows (pack_examples).
 
 Shapes: B rows, T positions, V vocabulary.
 """
@@ -145,3 +146,36 @@ def pack_left_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> P
     index = torch.where(rank < shared, rank, start + rank - shared)
     return PackedRows(torch.tensor([ids], device=device), torch.tensor([pos], device=device),
                       shared_prefix_mask(torch.tensor([seg], device=device)), index)
+
+
+def policy_logits(model, input_ids, attention_mask, position_ids, response_len: int, temperature: float):
+    """-> (B, R, V) the logits that predicted each response token, divided by the sampling temperature
+    so log-probs are those of the distribution the tokens were drawn from (top-p aside). The rows run
+    packed (no padding, their common start once; `pack_left_padded`) unless the batch is too large."""
+    packed = pack_left_padded(input_ids, attention_mask)
+    if packed is None:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                    logits_to_keep=response_len + 1)
+        return out.logits[:, :-1].float() / temperature
+    keep = packed.index[:, -response_len - 1:-1]
+    out = model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
+                attention_mask=attention_bias(model, packed.attention_mask), logits_to_keep=keep.reshape(-1))
+    return out.logits[0].view(*keep.shape, -1).float() / temperature
+
+
+def pack_examples(lengths: list[int], max_length: int) -> list[list[int]]:
+    """First-fit-decreasing bins of example indices, each bin's total length <= max_length.
+    Examples are never split, so no sequence loses its context."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        for b, r in enumerate(room):
+            if lengths[i] <= r:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(max_length - lengths[i])
+    return bins

@@ -26,8 +26,8 @@ from stages.core.errors import StageError
 from stages.core.run_folder import model_label
 from stages.core.runtime import autocast_layout, rank_sum
 from stages.modeling.reward_scoring import last_token_scores
-from stages.modeling.tensors import logprobs_from_logits
-from stages.rl.ppo_models import PPOModels, export_policy, policy_logits, reference_context, reward_model_scores
+from stages.modeling.tensors import logprobs_from_logits, policy_logits
+from stages.rl.ppo_models import PPOModels, export_policy, reference_context, reward_model_scores
 from stages.rl.reward_functions import call_reward_fn
 from stages.rl.rollout import answer
 from stages.training.data_order import chunks, eval_shard

@@ -1,8 +1,8 @@
 """The four roles of PPO (policy, frozen reference, value, reward), their forward passes, and the
 policy's export. The stage's story is in stages/ppo.py; its checkpoints in stages/training/checkpoint.py.
 
-Memory: every forward pass here computes vocabulary logits only for the response positions
-(`logits_to_keep`) and applies the value/score head only where it is needed; with
+Memory: every forward pass computes vocabulary logits only for the response positions
+(`policy_logits`, in stages/modeling/tensors.py) and applies the value/score head only where it is needed; with
 `ppo.lora.enabled` the reference is the policy's own base weights with the adapter disabled, and
 with `ppo.value_lora.enabled` (and value_init = the RM) the reward model is the value model's base
 with its adapter disabled, so no base is held twice.
@@ -21,23 +21,7 @@ from stages.core.run_folder import resolve_input_model
 from stages.core.runtime import autocast_layout
 from stages.modeling.loading import load_causal_lm, load_reward_model, save_model_folder
 from stages.modeling.reward_scoring import ValueModel, last_token_scores
-from stages.modeling.tensors import attention_bias, pack_left_padded
 from stages.modeling.trainable import apply_lora, is_peft, peft_base, trainable_params
-
-
-def policy_logits(model, input_ids, attention_mask, position_ids, response_len: int, temperature: float):
-    """-> (B, R, V) the logits that predicted each response token, divided by the sampling temperature
-    so log-probs are those of the distribution the tokens were drawn from (top-p aside). The rows run
-    packed (no padding, their common start once; `pack_left_padded`) unless the batch is too large."""
-    packed = pack_left_padded(input_ids, attention_mask)
-    if packed is None:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-                    logits_to_keep=response_len + 1)
-        return out.logits[:, :-1].float() / temperature
-    keep = packed.index[:, -response_len - 1:-1]
-    out = model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
-                attention_mask=attention_bias(model, packed.attention_mask), logits_to_keep=keep.reshape(-1))
-    return out.logits[0].view(*keep.shape, -1).float() / temperature
 
 
 @dataclass

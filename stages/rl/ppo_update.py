@@ -9,10 +9,10 @@ import torch
 
 from stages.core.config_schema import PPOConfig
 from stages.core.runtime import rank_sum, training_attention
-from stages.modeling.tensors import logprobs_from_logits
+from stages.modeling.tensors import logprobs_from_logits, policy_logits
 from stages.modeling.trainable import trainable_params
 from stages.rl.ppo_math import clipped_policy_loss, clipped_value_loss
-from stages.rl.ppo_models import Trainees, policy_logits
+from stages.rl.ppo_models import Trainees
 from stages.rl.ptx import ptx_loss
 from stages.rl.rollout import Rollout
 

@@ -14,9 +14,9 @@ from stages.core.runtime import training_attention
 from stages.modeling.chat_format import render_prompts
 from stages.modeling.generation import generate
 from stages.modeling.reward_scoring import normalised
-from stages.modeling.tensors import entropy_from_logits, logprobs_from_logits, through_first
+from stages.modeling.tensors import entropy_from_logits, logprobs_from_logits, policy_logits, through_first
 from stages.rl.ppo_math import masked_mean
-from stages.rl.ppo_models import PPOModels, policy_logits, reference_context, reward_model_scores
+from stages.rl.ppo_models import PPOModels, reference_context, reward_model_scores
 from stages.rl.reward_functions import call_reward_fn
 from stages.training.data_order import micro_batch_indices
 

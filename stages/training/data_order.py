@@ -39,24 +39,6 @@ def total_steps(tc: TrainLoop, n_train: int, world: int) -> int:
     return max(1, math.ceil(tc.epochs * n_train / per_step))
 
 
-def pack_examples(lengths: list[int], max_length: int) -> list[list[int]]:
-    """First-fit-decreasing bins of example indices, each bin's total length <= max_length.
-    Examples are never split, so no sequence loses its context."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    bins: list[list[int]] = []
-    room: list[int] = []
-    for i in order:
-        for b, r in enumerate(room):
-            if lengths[i] <= r:
-                bins[b].append(i)
-                room[b] -= lengths[i]
-                break
-        else:
-            bins.append([i])
-            room.append(max_length - lengths[i])
-    return bins
-
-
 @lru_cache(maxsize=4)
 def epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
