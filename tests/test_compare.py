@@ -17,6 +17,8 @@ from stages.evaluation import metrics as cm
 def test_outcome_rates_counts_ties_within_epsilon():
     d = np.array([0.5, -0.2, 1e-9, 0.0, 0.3])
     assert cm.outcome_rates(d, 1e-6) == pytest.approx((0.4, 0.4, 0.2))
+    # 13 wins, 11 losses, no tie: exactly 0 ties, so the report does not print "(ties 0%)"
+    assert cm.outcome_rates(np.array([1.0] * 13 + [-1.0] * 11), 1e-6)[1] == 0.0
 
 
 def test_win_rate_table_is_antisymmetric_with_ties():
