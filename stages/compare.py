@@ -206,6 +206,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
         "tie_epsilon": c.tie_epsilon,
         "per_model": per_model,
         "win_rates": next(j["win_rates"] for j in judges if j["name"] == lead),
+        "win_rates_by_kind": win_rates_by_kind(rewards, harmful, c, cfg.seed),
         "length_controlled_win_rates": cm.win_rate_table(lc_scores, c.tie_epsilon, resamples),
         "length_slope_reward_per_token": slope,
         "notes": {"kl": KL_NOTE, "length_control": LENGTH_NOTE,
@@ -242,6 +243,20 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     summary = {**headline(metrics), **runtime_info(cfg.precision)}
     write_summary(run_dir, STAGE, summary)
     return summary
+
+
+def win_rates_by_kind(rewards: dict[str, np.ndarray], harmful: list[int], c, seed: int) -> dict:
+    """The lead judge's win rates on the prompts tagged harmful and on the others, each with its own
+    cluster bootstrap: {kind: {num_prompts, win_rates}}, empty unless both kinds are present. Where
+    declining is the right answer and where it is not, a model can win for different reasons."""
+    k = c.samples_per_prompt
+    rows = {"harmful": harmful, "other": sorted(set(range(len(next(iter(rewards.values()))))) - set(harmful))}
+    if not all(rows.values()):
+        return {}
+    return {kind: {"num_prompts": len(r) // k,
+                   "win_rates": cm.win_rate_table({lab: s[r] for lab, s in rewards.items()}, c.tie_epsilon,
+                                                  cm.resample_indices(len(r) // k, c.bootstrap, seed, k))}
+            for kind, r in rows.items()}
 
 
 def max_length(cfg: RunConfig) -> int:

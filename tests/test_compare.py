@@ -257,6 +257,30 @@ def test_compare_writes_generations_report_and_plots(compared):
     assert yaml.safe_load((out / "config.yaml").read_text())["compare"]["bootstrap"] == 50
 
 
+def test_win_rates_by_kind_split_harmful_from_other_prompts(compared):
+    """The lead judge's win rates on the harmful prompts and on the others, recomputed here from the
+    scores in the generations files (wins + ties/2 on each subset), and shown in both reports."""
+    run, m, _ = compared
+    out = run / "compare"
+    rows = {lab: [json.loads(line) for line in (out / "generations" / f"{lab}.jsonl").read_text().splitlines()]
+            for lab in m["models"]}
+    kinds = m["win_rates_by_kind"]
+    assert {k: v["num_prompts"] for k, v in kinds.items()} == {"harmful": 2, "other": 2}
+    for kind, v in kinds.items():
+        picked = [i for i, r in enumerate(rows["ppo"]) if ("harmful" in r["tags"]) == (kind == "harmful")]
+        for a, b in (("ppo", "sft"), ("ppo", "baseline"), ("sft", "baseline")):
+            d = [rows[a][i]["reward"] - rows[b][i]["reward"] for i in picked]
+            expected = sum(1.0 if x > 1e-6 else 0.5 if abs(x) <= 1e-6 else 0.0 for x in d) / len(d)
+            cell = v["win_rates"][a][b]
+            assert cell["rate"] == pytest.approx(expected) and cell["ci_low"] <= cell["rate"] <= cell["ci_high"]
+    overall = m["win_rates"]["ppo"]["sft"]["rate"]
+    assert overall == pytest.approx((kinds["harmful"]["win_rates"]["ppo"]["sft"]["rate"]
+                                     + kinds["other"]["win_rates"]["ppo"]["sft"]["rate"]) / 2)  # 2 + 2 prompts
+    for text in ((out / "report.md").read_text(), (out / "report.html").read_text()):
+        assert "RM win rate on harmful and on other prompts" in text and "harmful prompts (2)" in text
+        assert "ppo vs sft" in text
+
+
 def test_report_escapes_model_output(compared, tmp_path):
     from stages.evaluation.report import write_report
 

@@ -169,11 +169,26 @@ def win_table(metrics: dict, key: str) -> tuple[list[str], list[list[str]]]:
     return ["model \\ against", *labels], rows
 
 
+def later_vs_earlier(labels: list[str]) -> list[tuple[str, str]]:
+    """Each model against every model listed before it (e.g. ppo vs sft, ppo vs baseline)."""
+    return [(labels[a], labels[b]) for a in range(len(labels)) for b in range(a)]
+
+
+def kind_table(metrics: dict) -> tuple[list[str], list[list[str]]] | None:
+    """The lead judge's later-vs-earlier win rates on harmful and on other prompts, or None."""
+    kinds = metrics.get("win_rates_by_kind")
+    if not kinds:
+        return None
+    head = ["pair", *[f"{kind} prompts ({v['num_prompts']})" for kind, v in kinds.items()]]
+    return head, [[f"{a} vs {b}", *[pct_ci(v["win_rates"][a][b]) for v in kinds.values()]]
+                  for a, b in later_vs_earlier(metrics["models"])]
+
+
 def judges_table(metrics: dict) -> tuple[list[str], list[list[str]]]:
     """One row per judge: its role, each model's mean score, the later-vs-earlier win rates, and its
     agreement with the human labels."""
     labels = metrics["models"]
-    pairs = [(labels[a], labels[b]) for a in range(len(labels)) for b in range(a)]
+    pairs = later_vs_earlier(labels)
     head = ["judge", "role", *[f"mean {lab}" for lab in labels], *[f"{i} vs {j}" for i, j in pairs],
             "agreement with people"]
     rows = []
@@ -266,6 +281,8 @@ def render_markdown(metrics: dict, gen_rows: dict, plots: dict, max_samples: int
         "## Length-controlled RM win rate", _md_table(*win_table(metrics, "length_controlled_win_rates")),
         "## Judges", _md_table(*judges_table(metrics)),
     ]
+    if (kinds := kind_table(metrics)) is not None:
+        parts += ["## RM win rate on harmful and on other prompts", _md_table(*kinds)]
     if (human := human_table(metrics)) is not None:
         parts += [f"## Human labels ({metrics['human']['decisive']} decisive of {metrics['human']['labels']})",
                   _md_table(*human)]
@@ -324,6 +341,8 @@ def render_html(metrics: dict, gen_rows: dict, plots: dict, max_samples: int) ->
         "<h2>Length-controlled RM win rate</h2>", _html_table(*win_table(metrics, "length_controlled_win_rates")),
         "<h2>Judges</h2>", _html_table(*judges_table(metrics)),
     ]
+    if (kinds := kind_table(metrics)) is not None:
+        body += ["<h2>RM win rate on harmful and on other prompts</h2>", _html_table(*kinds)]
     if (human := human_table(metrics)) is not None:
         body += [f"<h2>Human labels ({esc(metrics['human']['decisive'])} decisive of {esc(metrics['human']['labels'])})"
                  "</h2>", _html_table(*human)]
