@@ -6,10 +6,12 @@ trains on (`reply_rows`), PPO scores after generating, and compare judges. Three
 that one number, each where it pays:
 
   padded rows       `padded_scores`: HF's classifier pools the last non-pad token. Reward training
-                    with reward.padding_free=false, and compare's judging.
+                    with reward.padding_free=false.
   packed rows       `packed_scores`: a group's prompt once, its replies after it under a mask, groups
-                    back to back in rows, the head's per-token output read at each reply's end.
-                    Reward training's default: no compute on padding or on repeated prompts.
+                    back to back in rows (`pack_reply_groups`), the head's per-token output read at
+                    each reply's end. Reward training's default, and compare's judging
+                    (`grouped_scores`: every model's answers to a prompt as one group): no compute
+                    on padding or on repeated prompts.
   left-padded rows  `last_token_scores` through `ValueModel`: the backbone, with the head applied only
                     at the last attended token. PPO, whose value model is the RM's backbone and head
                     (and, with value LoRA, shares the RM's weights).
@@ -76,17 +78,18 @@ def laid_out_size(group: list[list[int]], shared: int) -> int:
     return shared + sum(len(r) - shared for r in group)
 
 
-def pack_reply_groups(groups: list[list[list[int]]], pad_id: int, width: int = 0) -> dict[str, torch.Tensor]:
+def pack_reply_groups(groups: list[list[list[int]]], pad_id: int,
+                      width: int = 0) -> dict[str, torch.Tensor]:
     """Groups of token rows (the rows of a group: one prompt, each followed by its own reply) laid out
     padding-free, prefix-shared: -> input_ids, position_ids (K, W), attention_mask (K, 1, W, W) bool and
     ends (R,), R = all rows of all groups in order.
 
     A group is laid out once as its rows' common start followed by each row's own tokens, and groups
-    are bin-packed, whole, into K rows no longer than the longest group or `width` (W). The mask lets each reply see
-    the prompt and its own earlier tokens, not the other replies or other groups; each reply's positions
-    continue from the prompt's, so every reply is computed as if it sat alone after the prompt (tested
-    equal to the padded layout), while the prompt is computed once per group, not once per reply. A
-    row's unused tail is a segment of its own. ends[r]: the flat index (row·W + column) of row r's last
+    are bin-packed, whole, into K rows no longer than the longest group or `width` (W). The mask lets
+    each reply see the prompt and its own earlier tokens, not the other replies or other groups; each
+    reply's positions continue from the prompt's, so every reply is computed as if it sat alone after
+    the prompt (tested equal to the padded layout), while the prompt is computed once per group, not
+    once per reply. A row's unused tail is a segment of its own. ends[r]: the flat index (row·W + column) of row r's last
     token, where its score is read (`packed_scores`)."""
     prefixes = [common_prefix(g) for g in groups]
     sizes = [laid_out_size(g, p) for g, p in zip(groups, prefixes)]
