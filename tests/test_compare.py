@@ -135,6 +135,17 @@ def test_generation_logprobs_equal_a_separate_scoring_pass(tiny_model_dir):
     assert all(s.logprob_sum is None for s in bot.sample([PROMPTS[0]["messages"]]))
 
 
+def test_token_passes_split_in_order_by_tokens_and_items():
+    from stages.modeling.tensors import token_passes
+
+    # 60+30 fit 100, +20 would not; 120 alone exceeds 100 and gets a run of its own
+    assert token_passes([60, 30, 20, 120, 10, 10], 100) == [[0, 1], [2], [3], [4, 5]]
+    # at most 2 items a run, however small
+    assert token_passes([1, 1, 1, 1, 1], 100, max_items=2) == [[0, 1], [2, 3], [4]]
+    assert token_passes([50, 50, 1], 100) == [[0, 1], [2]]  # exactly full stays one run
+    assert token_passes([], 10) == []
+
+
 def test_grouped_judging_gives_each_reply_the_score_it_gets_alone(compared):
     """compare scores all models' replies to a prompt as one packed group (the prompt once, several
     groups per row, identical rows once). Each score must be the one the RM gives that reply's row

@@ -167,6 +167,25 @@ def test_packed_linears_repack_a_trainable_weight_changed_in_place(tiny_model_di
     assert torch.allclose(after, expected, atol=1e-4)
 
 
+def test_packed_linears_leave_a_linear_with_its_own_forward_alone(tiny_model_dir, monkeypatch):
+    from stages.modeling import packed
+
+    monkeypatch.delenv(packed.ENV, raising=False)
+    lm = _tiny_lm(tiny_model_dir).requires_grad_(False)
+    if not packed.applies(lm):
+        pytest.skip("torch here lacks oneDNN's packed linear ops")
+    head = lm.get_output_embeddings()
+    hooked = head.forward  # what a device-map hook does: an instance-level forward wrapping the class's
+    head.forward = lambda x: hooked(x) + 1.0
+    ids = torch.randint(0, lm.config.vocab_size, (2, 5))
+    with torch.no_grad():
+        plain = lm(ids).logits
+        with packed.packed_linears(lm):
+            inside = lm(ids).logits
+    assert torch.allclose(inside, plain, atol=1e-4)  # the +1 of the instance forward still applied
+    assert torch.allclose(lm(ids).logits, plain) and "forward" in vars(head)  # and it survives the block
+
+
 def test_packed_linears_stay_off_when_disabled_or_under_autocast(tiny_model_dir, monkeypatch):
     from stages.modeling import packed
 

@@ -12,7 +12,8 @@ import torch
 from stages.evaluation.responders import Sample
 from stages.modeling.chat_format import render_prompts
 from stages.modeling.reward_scoring import grouped_scores, reply_rows
-from stages.modeling.tensors import PACKED_MAX_TOKENS, logprobs_from_logits, pad_rows, policy_logits
+from stages.modeling.tensors import (PACKED_MAX_TOKENS, logprobs_from_logits, pad_rows, policy_logits,
+                                     token_passes)
 
 # A judging pass holds about this many replies' worth of tokens per decoding.batch_size row.
 TOKENS_PER_ROW = 128
@@ -24,7 +25,9 @@ def response_logprob_sums(model, samples: list[Sample], pad_id: int, batch_size:
     after it, positions counting real tokens only, as in generation) in passes of at most batch_size
     rows and PACKED_MAX_TOKENS tokens, so `policy_logits` runs them packed."""
     sums: list[float] = []
-    for chunk in _passes(samples, batch_size):
+    sizes = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
+    for run in token_passes(sizes, PACKED_MAX_TOKENS, batch_size):
+        chunk = [samples[i] for i in run]
         prompt, prompt_mask = pad_rows([s.prompt_ids for s in chunk], pad_id, left=True)
         response, response_mask = pad_rows([s.response_ids or [pad_id] for s in chunk], pad_id)
         response_mask *= torch.tensor([[bool(s.response_ids)] for s in chunk], dtype=response_mask.dtype)
@@ -37,20 +40,6 @@ def response_logprob_sums(model, samples: list[Sample], pad_id: int, batch_size:
             logp = logprobs_from_logits(logits, response.to(device)) * response_mask.to(device)
         sums.extend(logp.sum(1).tolist())
     return sums
-
-
-def _passes(samples: list[Sample], batch_size: int) -> list[list[Sample]]:
-    """Consecutive runs of at most batch_size samples and PACKED_MAX_TOKENS prompt + response tokens."""
-    out: list[list[Sample]] = [[]]
-    used = 0
-    for s in samples:
-        n = len(s.prompt_ids) + len(s.response_ids)
-        if out[-1] and (len(out[-1]) == batch_size or used + n > PACKED_MAX_TOKENS):
-            out.append([])
-            used = 0
-        out[-1].append(s)
-        used += n
-    return out
 
 
 def reward_model_judge(rm, tokenizer, conversations: list[list[dict]], responses: dict[str | int, list[str]],

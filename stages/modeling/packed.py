@@ -36,18 +36,23 @@ def _ops_available() -> bool:
 
 
 def _packable(linear) -> bool:
-    if type(linear) is not torch.nn.Linear:
+    if type(linear) is not torch.nn.Linear or "forward" in vars(linear):  # an instance forward (e.g. a hook)
         return False
     w = linear.weight
     return (type(w) in (torch.Tensor, torch.nn.Parameter) and w.device.type == "cpu" and w.dtype == torch.float32
             and w.dim() == 2 and (linear.bias is None or linear.bias.dtype == torch.float32))
 
 
+def _to_pack(model) -> list[torch.nn.Linear]:
+    """The Linear layers `packed_linears` will pack: none where packing does not apply."""
+    if os.environ.get(ENV, "1") == "0" or not _ops_available() or torch.is_autocast_enabled("cpu"):
+        return []
+    return [m for m in model.modules() if _packable(m)]
+
+
 def applies(model) -> bool:
     """Whether `packed_linears` will pack this model (see the module docstring)."""
-    if os.environ.get(ENV, "1") == "0" or not _ops_available() or torch.is_autocast_enabled("cpu"):
-        return False
-    return any(_packable(m) for m in model.modules())
+    return bool(_to_pack(model))
 
 
 def _pack(linear: torch.nn.Linear, rows_hint: int) -> torch.Tensor:
@@ -74,10 +79,7 @@ def _packed_forward(linear: torch.nn.Linear, packed: torch.Tensor):
 def packed_linears(model, rows_hint: int = 8):
     """Run `model`'s plain Linear layers on packed weights inside the block (see the module docstring);
     a no-op where it does not apply. rows_hint: the rows per call to pack for (the batch size)."""
-    if not applies(model):
-        yield model
-        return
-    patched = [m for m in model.modules() if _packable(m)]
+    patched = _to_pack(model)
     with torch.no_grad():
         for m in patched:
             m.forward = _packed_forward(m, _pack(m, max(1, rows_hint)))

@@ -22,7 +22,7 @@ import torch
 
 from stages.core.errors import StageError
 from stages.modeling.tensors import (attention_bias, common_prefix, pack_examples, pack_left_padded,
-                                     shared_prefix_mask, shared_start_layout)
+                                     shared_prefix_mask, shared_start_layout, token_passes)
 from stages.modeling.trainable import peft_base
 
 
@@ -89,8 +89,8 @@ def pack_reply_groups(groups: list[list[list[int]]], pad_id: int,
     each reply see the prompt and its own earlier tokens, not the other replies or other groups; each
     reply's positions continue from the prompt's, so every reply is computed as if it sat alone after
     the prompt (tested equal to the padded layout), while the prompt is computed once per group, not
-    once per reply. A row's unused tail is a segment of its own. ends[r]: the flat index (row·W + column) of row r's last
-    token, where its score is read (`packed_scores`)."""
+    once per reply. A row's unused tail is a segment of its own. ends[r]: the flat index (row·W +
+    column) of row r's last token, where its score is read (`packed_scores`)."""
     prefixes = [common_prefix(g) for g in groups]
     sizes = [laid_out_size(g, p) for g, p in zip(groups, prefixes)]
     bins = pack_examples(sizes, max(max(sizes), width))
@@ -126,16 +126,8 @@ def grouped_scores(model, groups: list[list[list[int]]], pad_id: int, max_tokens
     group, in row order."""
     device = next(model.parameters()).device
     sizes = [laid_out_size(g, common_prefix(g)) for g in groups]
-    passes: list[list[int]] = [[]]
-    used = 0
-    for j, n in enumerate(sizes):
-        if passes[-1] and used + n > max_tokens:
-            passes.append([])
-            used = 0
-        passes[-1].append(j)
-        used += n
     out: list[list[float]] = [[] for _ in groups]
-    for js in passes:
+    for js in token_passes(sizes, max_tokens):
         t = pack_reply_groups([groups[j] for j in js], pad_id, width)
         with torch.no_grad():
             flat = packed_scores(model, t["input_ids"].to(device), t["position_ids"].to(device), t["ends"].to(device),

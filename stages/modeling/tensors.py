@@ -179,3 +179,18 @@ def pack_examples(lengths: list[int], max_length: int) -> list[list[int]]:
             bins.append([i])
             room.append(max_length - lengths[i])
     return bins
+
+
+def token_passes(sizes: list[int], max_tokens: int, max_items: int | None = None) -> list[list[int]]:
+    """Consecutive runs of indices into `sizes`, in order, each holding at most max_tokens of size and
+    max_items items; an item larger than max_tokens gets a run of its own. How a scoring loop splits
+    its work into forward passes."""
+    runs: list[list[int]] = []
+    used = 0
+    for i, n in enumerate(sizes):
+        if not runs or len(runs[-1]) == max_items or used + n > max_tokens:
+            runs.append([])
+            used = 0
+        runs[-1].append(i)
+        used += n
+    return runs
