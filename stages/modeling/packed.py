@@ -8,7 +8,8 @@ SmolLM2-135M in fp32, 2 threads: one decoding step of 8 rows 0.22 s -> 0.15 s, a
 tokens sampled 30 at a time 51 s -> 42 s (`bench/bench_generate.py` runs it beside packing off).
 
 `packed_linears(model)` is a context for generation only (no autograd): inside it every plain
-`nn.Linear` of the model runs on its packed weight; outside, nothing has changed. A trainable weight
+`nn.Linear` of the model runs on its packed weight (one with an instance-level forward of its own,
+such as an accelerate hook's, is left as it is); outside, nothing has changed. A trainable weight
 is packed afresh on entering the context (~0.6 s for all of SmolLM2), since an optimizer step may
 change it in place without a trace (the fused AdamW kernel leaves the version counter alone); a
 frozen weight's packed copy is kept, outside the module so copying or saving the model never sees it.

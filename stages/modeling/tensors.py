@@ -1,7 +1,8 @@
 """Small tensor chores every stage needs, written once: padding token lists into a batch, the
 "through the first EOS" mask, log-probs and entropy from logits, the packed layouts that compute
 a batch's shared start once (common_prefix, shared_start_layout, shared_prefix_mask, pack_left_padded,
-and `policy_logits`, which runs a batch that way), and bin-packing examples into rows (pack_examples).
+and `policy_logits`, which runs a batch that way), bin-packing examples into rows (pack_examples),
+and splitting scoring work into token-bounded passes (token_passes).
 
 Shapes: B rows, T positions, V vocabulary.
 """
