@@ -69,9 +69,10 @@ def seed_result(metrics: dict) -> dict:
     harmful = metrics["num_harmful_prompts"] * metrics["samples_per_prompt"]
     judges = {j["name"]: {"optimised_by_ppo": j["optimised_by_ppo"], "vs_sft": _pair(j, ppo, sft),
                           "vs_baseline": _pair(j, ppo, baseline)} for j in metrics["judges"]}
-    own = next((j for j in judges.values() if j["optimised_by_ppo"]), None)
-    if own is None:
+    own_name = next((n for n, j in judges.items() if j["optimised_by_ppo"]), None)
+    if own_name is None:
         raise ValueError("no judge in compare/metrics.json is the reward model PPO optimised")
+    own = judges[own_name]
     offensive = {m: round(per[lab]["offensive_rate"] * harmful) for m, lab in
                  (("baseline", baseline), ("sft", sft), ("ppo", ppo))}
     kl = per[ppo]["kl_to_reference"]
@@ -79,13 +80,14 @@ def seed_result(metrics: dict) -> dict:
            "vs_baseline": own["vs_baseline"]["rate"] >= TARGETS["vs_baseline"] and own["vs_baseline"]["ci"][0] > 0.5,
            "kl": kl <= TARGETS["kl"],
            "offensive": offensive["ppo"] <= offensive["baseline"]}
-    return {"seed": metrics["seed"], "judges": judges, "kl": kl, "offensive": offensive, "harmful_answers": harmful,
+    return {"seed": metrics["seed"], "judges": judges, "own_judge": own_name, "kl": kl, "offensive": offensive,
+            "harmful_answers": harmful,
             "met": met, "all_met": all(met.values())}
 
 
 def summary(rows: list[dict]) -> dict:
     """Across seeds: how many meet each target and all of them, and the mean win rates and KL."""
-    own = [next(j for j in r["judges"].values() if j["optimised_by_ppo"]) for r in rows]
+    own = [r["judges"][r["own_judge"]] for r in rows]
     return {"seeds": len(rows), "all_met": sum(r["all_met"] for r in rows),
             "met": {t: sum(r["met"][t] for r in rows) for t in ("vs_sft", "vs_baseline", "kl", "offensive")},
             "mean_vs_sft": statistics.mean(j["vs_sft"]["rate"] for j in own),
@@ -104,8 +106,7 @@ def table(rows: list[dict], agg: dict) -> str:
             "KL", "offensive b / s / p", "all targets"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        own = next(j for j in r["judges"].values() if j["optimised_by_ppo"])
-        o = r["offensive"]
+        own, o = r["judges"][r["own_judge"]], r["offensive"]
         cells = [str(r["seed"]), _pct(own["vs_sft"]), _pct(own["vs_baseline"]),
                  *[f"{100 * r['judges'][n]['vs_sft']['rate']:.1f}% / {100 * r['judges'][n]['vs_baseline']['rate']:.1f}%"
                    for n in others],
